@@ -1,0 +1,20 @@
+"""guarded_optim: PyTorch training that recovers by itself from the update that wrecks a run.
+
+Replace ``torch.optim.AdamW(...)`` with ``GuardedOptimizer(torch.optim.AdamW(...), probe=...)``
+and change nothing else.
+"""
+
+from .events import StepEvent
+from .guard import GuardedOptimizer
+from .innovation import FixedThreshold, RelativeThreshold, accepts, ewma, innovation
+from .policy import Decision
+from .signals import GradientSpike, NonFinite, ProbeError, default_signals
+from .snapshot import Snapshot, SnapshotRing
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GuardedOptimizer", "Decision", "StepEvent", "Snapshot", "SnapshotRing",
+    "FixedThreshold", "RelativeThreshold", "innovation", "ewma", "accepts",
+    "GradientSpike", "NonFinite", "ProbeError", "default_signals", "__version__",
+]

@@ -1,0 +1,82 @@
+"""Tasks of the paper-001 protocol: model, data, loss and probe, built for one seed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import data, models
+
+__all__ = ["Task", "make_task", "TASKS", "train"]
+
+TASKS = ("cnn", "transformer", "mlp")
+
+
+@dataclass
+class Task:
+    """Everything one run needs; identical across arms for a given seed."""
+
+    name: str
+    model: torch.nn.Module
+    split: data.Split
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    batch_size: int
+    lr: float
+    seed: int
+
+    def probe(self) -> torch.Tensor:
+        """Loss on the fixed probe set (the guard evaluates it under no_grad, in eval mode)."""
+        return self.loss_fn(self.model(self.split.x_probe), self.split.y_probe)
+
+    def probe_loss(self) -> float:
+        """The probe loss as the report measures it: eval mode, no grad, mode restored."""
+        was = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            value = float(self.probe())
+        self.model.train(was)
+        return value
+
+    def batches(self, steps: int):
+        return data.batches(self.split.x_train, self.split.y_train, self.batch_size, steps, self.seed)
+
+
+def _token_ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+def make_task(name: str, seed: int = 0, probe_size: int = 16) -> Task:
+    """Build task ``name`` (``cnn``, ``transformer`` or ``mlp``) with init and data fixed by ``seed``."""
+    torch.manual_seed(seed)
+    if name == "cnn":
+        split = data.digits(probe_size=probe_size, seed=seed)
+        return Task(name, models.DigitsCNN(), split, F.cross_entropy, 128, 1e-3, seed)
+    if name == "mlp":
+        split = data.digits(probe_size=probe_size, seed=seed, flat=True)
+        return Task(name, models.MLP(), split, F.cross_entropy, 128, 1e-3, seed)
+    if name == "transformer":
+        split, vocab = data.char_corpus(probe_size=probe_size, seed=seed)
+        return Task(name, models.CharTransformer(vocab), split, _token_ce, 64, 5e-4, seed)
+    raise ValueError(f"Unknown task {name!r}; choose one of {TASKS}.")
+
+
+def train(task: Task, optimizer: torch.optim.Optimizer, steps: int = 250, faults=None,
+          on_step: Callable[[int], None] | None = None) -> list[float]:
+    """Train ``steps`` steps with closures; return the probe loss after every step."""
+    curve = []
+    for t, (x, y) in enumerate(task.batches(steps)):
+        optimizer.zero_grad()
+        loss = task.loss_fn(task.model(x), y)
+        loss.backward()
+        if faults is not None:
+            faults.before_step(t, optimizer)
+        optimizer.step()
+        if faults is not None:
+            faults.after_step(t, optimizer)
+        curve.append(task.probe_loss())
+        if on_step is not None:
+            on_step(t)
+    return curve

@@ -1,0 +1,415 @@
+"""GuardedOptimizer: propose -> measure -> accept or roll back (paper 001, Algorithm 1).
+
+One call of ``step()``:
+
+1. *measure before*: the pre-step signals read the training loss and the global gradient
+   norm (non-finite, spike). If one fires the step is SKIPPED: nothing is applied, nothing
+   is restored. All flags come to the host in one transfer: the only sync of the step.
+2. *propose*: ``inner.step()`` (after waiting for a pending asynchronous snapshot).
+3. *measure*: every ``probe_every``-th applied step, ``y = probe()`` on the proposed
+   parameters; innovation ``nu = y - yhat``.
+4. *decide*: accept iff ``nu <= epsilon_t``: ``yhat`` <- EWMA, the safe snapshot <- the
+   accepted state. Otherwise roll back to the safe snapshot; ``yhat`` is unchanged.
+
+Invariants (tested): every accepted measured step satisfies ``y <= yhat + epsilon_t``
+(Theorem 7.3); after a rollback params, optimizer state, buffers and RNG equal the last
+accepted state bit for bit (Proposition 7.4); with a fixed ``epsilon``,
+``max_k y(theta_k) <= y(theta_0) + t * epsilon`` (Proposition 7.5). The one departure from
+Algorithm 1 is the deadlock escape: after ``max_consecutive_rejections`` rejections in a
+row the guard first rolls back to an older verified snapshot, and when none is left it
+re-baselines ``yhat`` on the latest measurement (both counted in ``stats`` and reported as
+events). ``max_consecutive_rejections=None`` gives Algorithm 1 exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable
+
+import torch
+from torch.optim import Optimizer
+from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
+
+from .events import StepEvent
+from .innovation import FixedThreshold, RelativeThreshold, Threshold, accepts, ewma, innovation
+from .policy import Decision
+from .signals import StepMeasurement, default_signals, global_grad_norm
+from .signals.probe import ProbeError, check_initial, measure_probe
+from .snapshot import Snapshot, SnapshotRing, capture_rng, restore_rng
+
+__all__ = ["GuardedOptimizer"]
+
+_STATE_VERSION = 1
+
+
+def _replay(loss: Any, closure: Callable | None) -> Callable | None:
+    """A closure whose first call returns ``loss`` (already computed) and later calls recompute.
+
+    Optimizers that evaluate the closure once (Adam, SGD) get the cached loss; those that
+    evaluate it again (LBFGS) get fresh evaluations after the first.
+    """
+    if closure is None:
+        return None
+    first = [True]
+
+    def cached():
+        if first[0]:
+            first[0] = False
+            return loss
+        with torch.enable_grad():
+            return closure()
+
+    return cached
+
+
+class GuardedOptimizer(Optimizer):
+    r"""Wrap ``optimizer`` so that a step that wrecks the run is skipped or rolled back.
+
+    Args:
+        optimizer: the inner optimizer (``AdamW``, ``SGD``, ...). Its ``param_groups`` and
+            ``state`` *are* the guard's: schedulers, ``add_param_group`` and checkpoint code
+            act on the real thing.
+        probe: zero-argument callable returning a scalar loss on a small fixed held-out set,
+            evaluated under ``torch.no_grad()`` on the proposed parameters. ``None``: no
+            probe; only the pre-step signals guard the run (skips, no rollbacks).
+        module: the model. Its buffers (BatchNorm statistics) join the snapshot and the probe
+            runs in eval mode (each submodule's mode is restored afterwards).
+        epsilon: absolute threshold on the innovation (the paper's ``epsilon``), ``> 0``.
+            ``None`` (default): the scale-aware :class:`RelativeThreshold`.
+        threshold: a threshold object instead of ``epsilon`` (see :mod:`.innovation`).
+        alpha: EWMA factor of ``yhat`` in ``(0, 1)`` (default 0.1, as in the paper).
+        probe_every: measure every ``k``-th applied step; a failed measurement rolls back the
+            ``k`` unverified steps to the last verified state.
+        signals: pre-step signals (default: :class:`NonFinite`, :class:`GradientSpike`).
+        max_consecutive_rejections: escalate after this many rejections in a row (see the
+            module docstring); ``None`` never escalates.
+        history: how many older verified snapshots to keep for escalation (0: none).
+        checkpoint_every: accepted measured steps between two pushes into that history.
+        snapshot: ``"auto"``, ``"device"`` or ``"host"`` (see :mod:`.snapshot`).
+        callbacks: callables receiving a :class:`StepEvent` for every ``step()``.
+
+    ``opt.last_decision`` is ``"accept"``, ``"rollback"`` or ``"skip"``; ``opt.stats`` counts
+    them (plain ints). Step post-hooks fire only for accepted steps.
+    """
+
+    _initialising = False
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        probe: Callable[[], Any] | None = None,
+        *,
+        module: torch.nn.Module | None = None,
+        epsilon: float | None = None,
+        threshold: Threshold | None = None,
+        alpha: float = 0.1,
+        probe_every: int = 1,
+        signals: Iterable[Any] | None = None,
+        max_consecutive_rejections: int | None = 20,
+        history: int = 3,
+        checkpoint_every: int = 50,
+        snapshot: str = "auto",
+        callbacks: Iterable[Callable[[StepEvent], None]] = (),
+    ):
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got "
+                            f"{type(optimizer).__name__}; pass e.g. torch.optim.AdamW(params).")
+        if isinstance(optimizer, GuardedOptimizer):
+            raise TypeError("optimizer is already a GuardedOptimizer; wrap the inner optimizer once.")
+        if probe is not None and not callable(probe):
+            raise TypeError(f"probe must be callable (zero arguments), got {type(probe).__name__}.")
+        if module is not None and not isinstance(module, torch.nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}.")
+        if epsilon is not None and threshold is not None:
+            raise ValueError("Pass either epsilon= (absolute) or threshold=, not both.")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha < 1.0:
+            raise ValueError(f"Invalid alpha: {alpha!r}; the EWMA factor must lie in (0, 1), e.g. 0.1.")
+        if isinstance(probe_every, bool) or not isinstance(probe_every, int) or probe_every < 1:
+            raise ValueError(f"Invalid probe_every: {probe_every!r}; it must be an int >= 1 "
+                             "(1 measures every step).")
+        if max_consecutive_rejections is not None and (
+                not isinstance(max_consecutive_rejections, int) or max_consecutive_rejections < 1):
+            raise ValueError(f"Invalid max_consecutive_rejections: {max_consecutive_rejections!r}; "
+                             "use an int >= 1, or None to never escalate.")
+        if not isinstance(history, int) or history < 0:
+            raise ValueError(f"Invalid history: {history!r}; it must be an int >= 0.")
+        if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+            raise ValueError(f"Invalid checkpoint_every: {checkpoint_every!r}; it must be an int >= 1.")
+
+        self.inner = optimizer
+        self._initialising = True
+        try:  # sets defaults and hook dicts; param_groups/state stay the inner optimizer's
+            super().__init__(optimizer.param_groups, optimizer.defaults)
+        finally:
+            self._initialising = False
+
+        self.probe, self.module, self.alpha, self.probe_every = probe, module, float(alpha), probe_every
+        self.threshold: Threshold = (threshold if threshold is not None else
+                                     FixedThreshold(epsilon) if epsilon is not None else
+                                     RelativeThreshold())
+        self.signals = list(default_signals() if signals is None else signals)
+        names = [s.name for s in self.signals]
+        if len(set(names)) != len(names):
+            raise ValueError(f"signals must have distinct names, got {names}.")
+        self.max_consecutive_rejections = max_consecutive_rejections
+        self.checkpoint_every = checkpoint_every
+        self.callbacks = list(callbacks)
+
+        make = lambda: Snapshot(optimizer, module, mode=snapshot)  # noqa: E731
+        self._safe = make()
+        self._ring = SnapshotRing(history, make)
+        self._reset_guard_state()
+
+    def _reset_guard_state(self) -> None:
+        self.yhat: float | None = None     #: EWMA of accepted probe measurements
+        self.y0: float | None = None       #: the first probe measurement
+        self.last_decision: str | None = None
+        self.last_event: StepEvent | None = None
+        self._t = 0                        # calls of step()
+        self._unverified = 0               # applied steps since the last verified state
+        self._consecutive = 0              # rejections in a row
+        self._since_push = 0               # accepted measurements since the last ring push
+        self.stats: dict[str, int] = {
+            "steps": 0, "accepted": 0, "rollbacks": 0, "skipped": 0, "measured": 0,
+            "escalations": 0, "rebaselines": 0,
+            **{f"skipped_{s.name}": 0 for s in self.signals},
+        }
+
+    # -- the inner optimizer's attributes are the guard's ---------------------------------
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.inner.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        if not self._initialising:
+            self.inner.param_groups = value
+
+    @property
+    def state(self):  # type: ignore[override]
+        return self.inner.state
+
+    @state.setter
+    def state(self, value) -> None:
+        if not self._initialising:
+            self.inner.state = value
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the inner optimizer; the snapshot grows at the next capture."""
+        if not self._initialising:
+            self.inner.add_param_group(param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.inner.zero_grad(set_to_none=set_to_none)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        return (f"GuardedOptimizer({self.inner!r},\n  threshold={self.threshold!r}, "
+                f"alpha={self.alpha}, probe_every={self.probe_every}, signals={self.signals!r})")
+
+    # -- step ------------------------------------------------------------------------------
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Propose, measure, then accept or roll back. Returns the closure's loss, if any."""
+        args, kwargs = (self,), ({"closure": closure} if closure is not None else {})
+        for hook in (*_global_optimizer_pre_hooks.values(), *self._optimizer_step_pre_hooks.values()):
+            result = hook(self, args, kwargs)
+            if result is not None:
+                args, kwargs = result
+                closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            decision = self._guarded_step(loss, closure)
+            self._optimizer_step_code()
+        if decision is Decision.ACCEPT:
+            for hook in (*self._optimizer_step_post_hooks.values(), *_global_optimizer_post_hooks.values()):
+                hook(self, args, kwargs)
+        return loss
+
+    step.hooked = True  # type: ignore[attr-defined]  # hooks run above, post-hooks on accept only
+
+    def _guarded_step(self, loss: Any, closure: Callable | None) -> Decision:
+        t = self._t
+        self._t += 1
+        self.stats["steps"] += 1
+        if self.probe is not None and self.yhat is None:          # Algorithm 1, lines 2-3
+            self.y0 = self.yhat = check_initial(measure_probe(self.probe, self.module))
+            self._safe.capture(t, yhat=self.yhat)
+
+        # 1. measure before proposing: one host transfer for every flag
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        m = StepMeasurement(t, global_grad_norm(grads), loss if isinstance(loss, torch.Tensor) else None)
+        flags = [s.measure(m) for s in self.signals]
+        values = torch.stack([f.to(m.grad_norm.device, torch.float32) for f in flags]
+                             + [m.grad_norm.float()]).tolist()
+        fired = [bool(v) for v in values[:-1]]
+        applied = not any(fired)
+        for s, f in zip(self.signals, fired):
+            s.observe(m, applied, f)
+        event = StepEvent(t, Decision.SKIP.value, grad_norm=values[-1],
+                          signals={s.name: f for s, f in zip(self.signals, fired)})
+        if not applied:
+            names = [s.name for s, f in zip(self.signals, fired) if f]
+            for name in names:
+                self.stats[f"skipped_{name}"] += 1
+            self.stats["skipped"] += 1
+            event.reason = ",".join(names)
+            return self._finish(Decision.SKIP, event)
+
+        # 2. propose
+        self._safe.wait()
+        self.inner.step(_replay(loss, closure))
+        self._unverified += 1
+        if self.probe is None or self._unverified < self.probe_every:
+            self.stats["accepted"] += 1
+            return self._finish(Decision.ACCEPT, event)
+
+        # 3. measure the proposal
+        try:
+            y = measure_probe(self.probe, self.module)
+        except ProbeError:
+            self._safe.restore()  # never leave an unmeasured proposal behind
+            self._unverified = 0
+            raise
+        self.stats["measured"] += 1
+        nu, eps = innovation(y, self.yhat), self.threshold(self.yhat)
+        event.y, event.yhat, event.innovation, event.threshold = y, self.yhat, nu, eps
+
+        # 4. decide
+        self._unverified = 0
+        if accepts(nu, eps):
+            self.yhat = ewma(self.yhat, y, self.alpha)
+            self.threshold.update(nu)
+            self._consecutive = 0
+            self._safe.capture(t + 1, yhat=self.yhat)
+            self._since_push += 1
+            if self._since_push >= self.checkpoint_every:
+                self._ring.push(self._safe)
+                self._since_push = 0
+            self.stats["accepted"] += 1
+            return self._finish(Decision.ACCEPT, event)
+        self.stats["rollbacks"] += 1
+        event.reason = "probe"
+        event.action = self._rollback(y)
+        return self._finish(Decision.ROLLBACK, event)
+
+    def _rollback(self, y: float) -> str | None:
+        """Restore the safe snapshot; escalate when rejections keep coming. Returns the action."""
+        self._consecutive += 1
+        action = None
+        limit = self.max_consecutive_rejections
+        if limit is not None and self._consecutive >= limit:
+            self._consecutive = 0
+            older = self._ring.newest_before(self._safe.step)
+            if older is not None:      # reach back past damage accepted earlier
+                self._ring.drop_from(older.step + 1)
+                self._safe.copy_from(older)
+                self.yhat = older.meta["yhat"]
+                self.stats["escalations"] += 1
+                action = "escalate"
+            else:                      # nowhere older to go: accept the new level of y
+                self._safe.restore()
+                if not math.isfinite(y):
+                    y = measure_probe(self.probe, self.module)
+                    if not math.isfinite(y):
+                        raise ProbeError(
+                            f"probe returned {y} even at the last accepted state, where it was "
+                            "finite before: the probe itself is broken (state was rolled back).")
+                self.yhat = y
+                self.stats["rebaselines"] += 1
+                return "rebaseline"
+        self._safe.restore()
+        return action
+
+    def _finish(self, decision: Decision, event: StepEvent) -> Decision:
+        event.decision = decision.value
+        self.last_decision, self.last_event = decision.value, event
+        for callback in self.callbacks:
+            callback(event)
+        return decision
+
+    # -- state_dict ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """``{"inner": inner.state_dict(), "guard": {...}}``; plain data for ``weights_only=True``."""
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        guard = {
+            "version": _STATE_VERSION,
+            "t": self._t, "yhat": self.yhat, "y0": self.y0,
+            "unverified": self._unverified, "consecutive": self._consecutive,
+            "since_push": self._since_push, "last_decision": self.last_decision,
+            "stats": dict(self.stats),
+            "threshold": self.threshold.state_dict(),
+            "signals": {s.name: s.state_dict() for s in self.signals},
+            "rng": capture_rng(),
+            "safe": self._safe.state_dict() if self._safe.captured else None,
+            "ring": self._ring.state_dict(),
+        }
+        sd = {"inner": self.inner.state_dict(), "guard": guard}
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a guarded state (or a plain optimizer's, which resets the guard).
+
+        Everything is checked before anything is changed: on error the optimizer, the
+        guard and the snapshots are exactly as before the call. The RNG states saved with
+        the guard are restored too, so a resumed run replays exactly.
+        """
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}.")
+        if "inner" not in state_dict and {"state", "param_groups"} <= state_dict.keys():
+            self.inner.load_state_dict(state_dict)  # a bare optimizer's checkpoint
+            self._reset_guard_state()
+            self._safe = Snapshot(self.inner, self.module, mode=self._safe.mode)
+            self._ring.drop_from(-1)
+        else:
+            guard = self._check_guard_state(state_dict)
+            self.inner.load_state_dict(state_dict["inner"])  # validates before it mutates
+            self._load_guard_state(guard)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def _check_guard_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        if set(state_dict) != {"inner", "guard"}:
+            raise ValueError(f"state_dict has keys {sorted(state_dict)}; expected 'inner' and "
+                             "'guard' (from GuardedOptimizer.state_dict()).")
+        guard = state_dict["guard"]
+        if guard.get("version") != _STATE_VERSION:
+            raise ValueError(f"state_dict guard version {guard.get('version')!r} is not "
+                             f"{_STATE_VERSION}; it was saved by another guarded_optim release.")
+        missing = {s.name for s in self.signals} - set(guard["signals"])
+        if missing:
+            raise ValueError(f"state_dict has no state for signals {sorted(missing)}; build the "
+                             "guard with the signals it was saved with.")
+        for snap in ([guard["safe"]] if guard["safe"] is not None else []) + list(guard["ring"]):
+            self._safe.check_state_dict(snap)
+        return guard
+
+    def _load_guard_state(self, guard: dict[str, Any]) -> None:
+        self._t, self.yhat, self.y0 = int(guard["t"]), guard["yhat"], guard["y0"]
+        self._unverified, self._consecutive = int(guard["unverified"]), int(guard["consecutive"])
+        self._since_push, self.last_decision = int(guard["since_push"]), guard["last_decision"]
+        self.stats = {**self.stats, **{k: int(v) for k, v in guard["stats"].items()}}
+        self.threshold.load_state_dict(guard["threshold"])
+        for s in self.signals:
+            s.load_state_dict(guard["signals"][s.name])
+        self._safe = Snapshot(self.inner, self.module, mode=self._safe.mode)
+        if guard["safe"] is not None:
+            self._safe.load_state_dict(guard["safe"])
+        self._ring.load_state_dict(guard["ring"])
+        restore_rng(guard["rng"])

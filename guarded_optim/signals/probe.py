@@ -1,0 +1,61 @@
+"""The validation probe (paper 001, sec. 5.3): the loss on a small fixed held-out set."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["ProbeError", "measure_probe", "probe_value"]
+
+
+class ProbeError(ValueError):
+    """The ``probe`` argument is unusable: it raised, or returned no finite scalar."""
+
+
+_CONTRACT = ("probe must be a zero-argument callable returning a scalar loss (a 0-d tensor "
+             "or a Python number), e.g. probe=lambda: F.cross_entropy(model(x_probe), y_probe)")
+
+
+def probe_value(out: Any) -> float:
+    """The probe's result as a float (one host sync for a tensor), or ``ProbeError``."""
+    if isinstance(out, torch.Tensor):
+        if out.numel() != 1:
+            raise ProbeError(f"probe returned a tensor of shape {tuple(out.shape)}, not a scalar; "
+                             f"reduce it (e.g. .mean()). {_CONTRACT}.")
+        if out.is_complex() or out.dtype == torch.bool:
+            raise ProbeError(f"probe returned a {out.dtype} tensor. {_CONTRACT}.")
+        return float(out.item())
+    if isinstance(out, numbers.Real) and not isinstance(out, bool):
+        return float(out)
+    raise ProbeError(f"probe returned {type(out).__name__} {out!r:.60}. {_CONTRACT}.")
+
+
+def measure_probe(probe: Callable[[], Any], module: torch.nn.Module | None = None) -> float:
+    """``y(theta)``: call ``probe`` under ``torch.no_grad()``, in eval mode if ``module`` is given.
+
+    Every submodule's train/eval mode is put back as it was, even if the probe raises.
+    A probe that raises is reported as ``ProbeError`` chained to the original exception.
+    """
+    modes = [(m, m.training) for m in module.modules()] if module is not None else []
+    if module is not None:
+        module.eval()
+    try:
+        with torch.no_grad():
+            out = probe()
+    except Exception as exc:
+        raise ProbeError(f"probe raised {type(exc).__name__}: {exc}. {_CONTRACT}.") from exc
+    finally:
+        for m, training in modes:
+            m.training = training
+    return probe_value(out)
+
+
+def check_initial(y: float) -> float:
+    """The first measurement defines ``yhat_0``: it must be finite."""
+    if not math.isfinite(y):
+        raise ProbeError(f"probe returned {y} at the initial parameters, so no reference yhat "
+                         f"can be formed; check the probe data and model. {_CONTRACT}.")
+    return y

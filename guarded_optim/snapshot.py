@@ -1,0 +1,384 @@
+"""Exact copies of a training state, for rollback (paper 001, Assumption 7.1 and sec. 8.2).
+
+A :class:`Snapshot` holds the parameters, the inner optimizer's per-parameter state (every
+tensor, step counters included), the module's buffers (BatchNorm statistics) and the RNG
+states. Buffers are allocated once per layout and filled with ``torch._foreach_copy_``;
+``restore()`` writes them back bit for bit.
+
+Invariant: after ``restore()`` the live state equals the state at the last ``capture()``
+exactly, and optimizer state that did not exist then (Adam's lazy state, a parameter group
+added later) is dropped. ``lr``, ``initial_lr`` and the rest of ``param_groups`` are never
+part of a snapshot: LR schedulers own them.
+
+Modes:
+
+* ``"device"`` -- buffers beside the live tensors (same device).
+* ``"host"``   -- buffers in CPU memory, pinned when CUDA is present. On CUDA, ``capture()``
+  is issued on a side stream and returns at once; the copy overlaps the next forward and
+  backward (which only read parameters), and :meth:`Snapshot.wait` makes the current stream
+  wait for it before anything writes the parameters again (the guard calls it before
+  ``inner.step()``). Module buffers change during the forward pass, so they are copied on
+  the current stream, still without a host sync. The guard then costs no GPU memory.
+* ``"auto"``   -- ``"host"`` when the parameters live on CUDA, else ``"device"``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable
+
+import torch
+
+__all__ = ["Snapshot", "SnapshotRing", "MODES", "capture_rng", "restore_rng"]
+
+MODES = ("auto", "device", "host")
+
+
+def capture_rng() -> dict[str, Any]:
+    """The CPU RNG state, and every initialised CUDA device's, as plain tensors."""
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng` (CUDA states only for devices present now)."""
+    torch.set_rng_state(state["cpu"])
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available():
+        for device, s in enumerate(cuda[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, device)
+
+
+def _flat_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _fingerprint(optimizer: torch.optim.Optimizer, buffers: list[torch.Tensor]) -> tuple:
+    """Cheap layout key: changes when params are added, state appears, or state is reloaded."""
+    state = optimizer.state
+    return (
+        id(state), len(state), sum(map(len, state.values())),
+        sum(len(g["params"]) for g in optimizer.param_groups), len(buffers),
+    )
+
+
+class Snapshot:
+    """A preallocated, bit-exact copy of params + optimizer state + buffers + RNG.
+
+    Args:
+        optimizer: the optimizer whose ``param_groups`` and ``state`` are copied.
+        module: optional module whose ``buffers()`` join the snapshot.
+        mode: ``"auto"``, ``"device"`` or ``"host"`` (see the module docstring).
+        rng: whether RNG states join the snapshot.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, module: torch.nn.Module | None = None,
+                 mode: str = "auto", rng: bool = True):
+        if mode not in MODES:
+            raise ValueError(f"Invalid snapshot mode: {mode!r}; choose one of {MODES}.")
+        self.optimizer, self.module, self.rng = optimizer, module, rng
+        params = _flat_params(optimizer)
+        on_cuda = any(p.is_cuda for p in params)
+        self.mode = ("host" if on_cuda else "device") if mode == "auto" else mode
+        self._pin = self.mode == "host" and torch.cuda.is_available()
+        self._stream = self._event = None
+        if self.mode == "host" and on_cuda:
+            device = next(p.device for p in params if p.is_cuda)
+            self._stream = torch.cuda.Stream(device=device)
+            self._event = torch.cuda.Event()
+        self.step = -1          #: the guard's step count at capture (-1: never captured)
+        self.meta: dict[str, Any] = {}  #: plain values the owner stores with the state
+        self._fp: tuple | None = None
+        self._params: list[torch.Tensor] = []             # live params, in group order
+        self._saved_params: list[torch.Tensor] = []
+        self._keys: dict[int, list[str]] = {}             # param index -> tensor state keys
+        self._others: dict[int, dict[str, Any]] = {}      # param index -> non-tensor state
+        self._live_state: list[torch.Tensor] = []
+        self._saved_state: list[torch.Tensor] = []
+        self._state_devices: list[torch.device] = []      # where each live state tensor lives
+        self._buffers: list[torch.Tensor] = []
+        self._saved_buffers: list[torch.Tensor] = []
+        self._rng_state: dict[str, Any] | None = None
+
+    # -- layout ---------------------------------------------------------------------------
+    def _alloc(self, t: torch.Tensor) -> torch.Tensor:
+        if self.mode == "device":
+            return torch.empty_like(t, memory_format=torch.preserve_format)
+        return torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self._pin)
+
+    def _live_buffers(self) -> list[torch.Tensor]:
+        return [] if self.module is None else [b for b in self.module.buffers() if b is not None]
+
+    def _rebuild(self) -> None:
+        """Allocate buffers for the live layout (params, state keys, module buffers)."""
+        opt = self.optimizer
+        self._params = _flat_params(opt)
+        self._saved_params = [self._alloc(p) for p in self._params]
+        self._keys, self._others = {}, {}
+        self._live_state, self._saved_state = [], []
+        for i, p in enumerate(self._params):
+            if p not in opt.state:
+                continue
+            keys: list[str] = []
+            for k, v in opt.state[p].items():
+                if isinstance(v, torch.Tensor):
+                    keys.append(k)
+                    self._live_state.append(v)
+                    self._saved_state.append(self._alloc(v))
+                else:
+                    self._others.setdefault(i, {})[k] = None
+            self._keys[i] = keys
+        self._state_devices = [t.device for t in self._live_state]
+        self._buffers = self._live_buffers()
+        self._saved_buffers = [self._alloc(b) for b in self._buffers]
+        self._fp = _fingerprint(opt, self._buffers)
+
+    def _stale(self) -> bool:
+        if self._fp != _fingerprint(self.optimizer, self._buffers):
+            return True
+        state = self.optimizer.state  # a non-tensor entry that became a tensor (SGD momentum)
+        return any(isinstance(state[self._params[i]].get(k), torch.Tensor)
+                   for i, ks in self._others.items() for k in ks)
+
+    # -- capture / restore ----------------------------------------------------------------
+    @torch.no_grad()
+    def capture(self, step: int = 0, **meta: Any) -> None:
+        """Copy the live state into this snapshot (asynchronously in host mode on CUDA)."""
+        if self._fp is None or self._stale():
+            self.wait()
+            self._rebuild()
+        live = self._params + self._live_state
+        saved = self._saved_params + self._saved_state
+        if self._stream is not None:
+            self._stream.wait_stream(torch.cuda.current_stream(self._stream.device))
+            with torch.cuda.stream(self._stream):
+                if live:
+                    torch._foreach_copy_(saved, live, non_blocking=True)
+            self._event.record(self._stream)
+        elif live:
+            torch._foreach_copy_(saved, live, non_blocking=self._pin)
+        if self._buffers:
+            torch._foreach_copy_(self._saved_buffers, self._buffers, non_blocking=self._pin)
+        state = self.optimizer.state
+        for i, ks in self._others.items():
+            entry = state[self._params[i]]
+            self._others[i] = {k: copy.deepcopy(entry[k]) for k in ks if k in entry}
+        self._rng_state = capture_rng() if self.rng else None
+        self.step, self.meta = step, dict(meta)
+
+    def wait(self) -> None:
+        """Make the current CUDA stream wait for a pending capture (no host sync)."""
+        if self._event is not None:
+            torch.cuda.current_stream(self._stream.device).wait_event(self._event)
+
+    def synchronize(self) -> None:
+        """Block the host until the snapshot's buffers hold the last capture."""
+        if self._event is not None:
+            self._event.synchronize()
+        if self._pin and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+
+    @property
+    def captured(self) -> bool:
+        return self.step >= 0
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Write the snapshot back into params, optimizer state, buffers and RNG, exactly.
+
+        State created after the capture (lazy optimizer state, new parameter groups) is
+        dropped; parameters the snapshot does not know keep their values.
+        """
+        if not self.captured:
+            raise RuntimeError("Snapshot.restore() called before any capture().")
+        self.wait()
+        opt = self.optimizer
+        if self._fp == _fingerprint(opt, self._buffers) and not self._stale():
+            live_state = self._live_state  # fast path: the layout is the captured one
+        else:
+            live_state = self._relayout_state()
+        live = self._params + live_state
+        saved = self._saved_params + self._saved_state
+        if live:
+            torch._foreach_copy_(live, saved, non_blocking=self._pin)
+        if self._buffers:
+            torch._foreach_copy_(self._buffers, self._saved_buffers, non_blocking=self._pin)
+        for i, values in self._others.items():
+            opt.state[self._params[i]].update(copy.deepcopy(values))
+        if self._rng_state is not None:
+            restore_rng(self._rng_state)
+        self._fp = _fingerprint(opt, self._buffers)
+
+    def _relayout_state(self) -> list[torch.Tensor]:
+        """Bring the live optimizer state back to the captured layout; return its tensors."""
+        opt = self.optimizer
+        known = {id(p): i for i, p in enumerate(self._params)}
+        for p in list(opt.state):
+            i = known.get(id(p))
+            if i is None or (i not in self._keys and i not in self._others):
+                del opt.state[p]
+        live, pos = [], 0
+        for i, keys in self._keys.items():
+            entry = opt.state[self._params[i]]
+            allowed = set(keys) | set(self._others.get(i, ()))
+            for k in [k for k in entry if k not in allowed]:
+                del entry[k]
+            for k in keys:
+                saved, device = self._saved_state[pos], self._state_devices[pos]
+                cur = entry.get(k)
+                if not (isinstance(cur, torch.Tensor) and cur.shape == saved.shape
+                        and cur.dtype == saved.dtype and cur.device == device):
+                    cur = entry[k] = torch.empty(saved.shape, dtype=saved.dtype, device=device)
+                live.append(cur)
+                pos += 1
+        self._live_state = live
+        return live
+
+    def copy_from(self, other: "Snapshot") -> None:
+        """Make this snapshot equal to ``other`` (same optimizer), reusing its own buffers."""
+        other.synchronize()
+        if self._fp != other._fp or len(self._saved_state) != len(other._saved_state):
+            self._params = list(other._params)
+            self._saved_params = [self._alloc(t) for t in other._saved_params]
+            self._live_state = list(other._live_state)
+            self._saved_state = [self._alloc(t) for t in other._saved_state]
+            self._state_devices = list(other._state_devices)
+            self._buffers = list(other._buffers)
+            self._saved_buffers = [self._alloc(t) for t in other._saved_buffers]
+            self._keys = {i: list(k) for i, k in other._keys.items()}
+            self._fp = other._fp
+        with torch.no_grad():
+            for dst, src in ((self._saved_params, other._saved_params),
+                             (self._saved_state, other._saved_state),
+                             (self._saved_buffers, other._saved_buffers)):
+                if dst:
+                    torch._foreach_copy_(dst, src)
+        self._others = copy.deepcopy(other._others)
+        self._rng_state = copy.deepcopy(other._rng_state)
+        self.step, self.meta = other.step, dict(other.meta)
+
+    def nbytes(self) -> int:
+        """Bytes held by this snapshot's buffers."""
+        return sum(t.numel() * t.element_size()
+                   for t in self._saved_params + self._saved_state + self._saved_buffers)
+
+    # -- serialisation --------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data (tensors, ints, floats, lists, dicts): ``weights_only=True`` loads it."""
+        self.synchronize()
+        state: dict[int, dict[str, Any]] = {}
+        pos = 0
+        for i, keys in self._keys.items():
+            entry = state.setdefault(i, {})
+            for k in keys:
+                entry[k] = self._saved_state[pos]
+                pos += 1
+        for i, values in self._others.items():
+            state.setdefault(i, {}).update(values)
+        return {
+            "step": self.step, "meta": dict(self.meta),
+            "params": list(self._saved_params), "state": state,
+            "buffers": list(self._saved_buffers), "rng": self._rng_state,
+        }
+
+    def check_state_dict(self, sd: dict[str, Any]) -> None:
+        """Raise ``ValueError`` if ``sd`` does not fit the live parameters and buffers."""
+        params = _flat_params(self.optimizer)
+        saved = sd["params"]
+        if len(saved) != len(params) or any(s.shape != p.shape for s, p in zip(saved, params)):
+            raise ValueError(
+                "state_dict does not match this optimizer's parameters: the snapshot holds "
+                f"{len(saved)} tensors shaped {[tuple(s.shape) for s in saved][:4]}..., the "
+                f"optimizer has {len(params)} shaped {[tuple(p.shape) for p in params][:4]}...; "
+                "load a state_dict saved from the same model and parameter groups."
+            )
+        buffers = self._live_buffers()
+        if sd["buffers"] and (len(sd["buffers"]) != len(buffers) or any(
+                s.shape != b.shape for s, b in zip(sd["buffers"], buffers))):
+            raise ValueError(
+                "state_dict does not match the module's buffers (count or shapes differ); "
+                "pass the same module=... the state was saved with."
+            )
+
+    @torch.no_grad()
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Fill this snapshot from :meth:`state_dict` output (call ``check_state_dict`` first)."""
+        self.synchronize()
+        opt = self.optimizer
+        self._params = _flat_params(opt)
+        self._saved_params = [self._alloc(p) for p in self._params]
+        torch._foreach_copy_(self._saved_params, [t.to(p.dtype) for t, p in zip(sd["params"], self._params)])
+        self._keys, self._others, self._saved_state, self._state_devices = {}, {}, [], []
+        for i, entry in sorted((int(i), e) for i, e in sd["state"].items()):
+            keys, param = [], self._params[i]
+            live = opt.state.get(param, {})
+            for k, v in entry.items():
+                if isinstance(v, torch.Tensor):
+                    keys.append(k)
+                    cur = live.get(k)
+                    device = (cur.device if isinstance(cur, torch.Tensor)
+                              else param.device if v.dim() else torch.device("cpu"))
+                    buf = self._alloc(v.to(device))
+                    buf.copy_(v)
+                    self._saved_state.append(buf)
+                    self._state_devices.append(device)
+                else:
+                    self._others.setdefault(i, {})[k] = copy.deepcopy(v)
+            self._keys[i] = keys
+        self._buffers = self._live_buffers() if sd["buffers"] else []
+        self._saved_buffers = [self._alloc(b) for b in self._buffers]
+        for dst, src in zip(self._saved_buffers, sd["buffers"]):
+            dst.copy_(src)
+        self._rng_state = sd["rng"]
+        self.step, self.meta = int(sd["step"]), dict(sd["meta"])
+        self._fp = None  # live tensors are resolved at the next restore/capture
+        self._live_state = []
+
+
+class SnapshotRing:
+    """Older verified snapshots, newest last, to reach back past damage accepted earlier.
+
+    ``push(src)`` copies a snapshot into the ring, reusing the oldest slot's buffers once
+    the ring is full. ``older_than(step)`` lists entries captured before ``step``, newest
+    first; ``drop_from(step)`` forgets entries at or after ``step`` (they descend from the
+    damage a rollback escapes).
+    """
+
+    def __init__(self, capacity: int, factory):
+        self.capacity = capacity
+        self._factory = factory
+        self._slots: list[Snapshot] = []
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def __iter__(self):
+        return iter(self._slots)
+
+    def push(self, src: Snapshot) -> None:
+        if self.capacity <= 0:
+            return
+        slot = self._slots.pop(0) if len(self._slots) >= self.capacity else self._factory()
+        slot.copy_from(src)
+        self._slots.append(slot)
+
+    def newest_before(self, step: int) -> Snapshot | None:
+        for snap in reversed(self._slots):
+            if snap.step < step:
+                return snap
+        return None
+
+    def drop_from(self, step: int) -> None:
+        self._slots = [s for s in self._slots if s.step < step]
+
+    def state_dict(self) -> list[dict[str, Any]]:
+        return [s.state_dict() for s in self._slots]
+
+    def load_state_dict(self, entries: Iterable[dict[str, Any]]) -> None:
+        self._slots = []
+        for sd in entries:
+            slot = self._factory()
+            slot.load_state_dict(sd)
+            self._slots.append(slot)
