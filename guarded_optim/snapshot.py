@@ -209,7 +209,8 @@ class Snapshot:
             opt.state[self._params[i]].update(copy.deepcopy(values))
         if self._rng_state is not None:
             restore_rng(self._rng_state)
-        self._fp = _fingerprint(opt, self._buffers)
+        fp = _fingerprint(opt, self._buffers)  # params added since capture: rebuild next time
+        self._fp = fp if fp[3] == len(self._params) else None
 
     def _relayout_state(self) -> list[torch.Tensor]:
         """Bring the live optimizer state back to the captured layout; return its tensors."""

@@ -33,7 +33,7 @@ class GradientSpike:
     """SKIP a step whose gradient norm exceeds ``factor`` x the running median of applied ones.
 
     The reference is the median of the log-norms of the last ``window`` *applied* steps, so
-    a skipped outlier never enters it. The test starts after ``warmup`` applied steps. If
+    a skipped outlier never enters it. Non-finite norms are :class:`NonFinite`'s concern. The test starts after ``warmup`` applied steps. If
     ``patience`` steps in a row are skipped by this signal, the norm has moved to a new
     level for good: the reference is re-based on it (counted in ``rebaselines``) rather
     than skipping forever. ``patience=None`` never re-bases.
@@ -68,7 +68,7 @@ class GradientSpike:
         if self.count < self.warmup:
             return torch.zeros((), dtype=torch.bool, device=log_norm.device)
         reference = self.buffer[: min(self.count, self.window)].median()
-        return log_norm > reference + self._log_factor
+        return torch.isfinite(log_norm) & (log_norm > reference + self._log_factor)
 
     def observe(self, m: StepMeasurement, applied: bool, fired: bool) -> None:
         log_norm = self._log_norm
