@@ -23,6 +23,7 @@ events). ``max_consecutive_rejections=None`` gives Algorithm 1 exactly.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Callable, Iterable
 
@@ -155,12 +156,35 @@ class GuardedOptimizer(Optimizer):
         self.checkpoint_every = checkpoint_every
         self.callbacks = list(callbacks)
 
-        make = lambda: Snapshot(optimizer, module, mode=snapshot)  # noqa: E731
-        self._safe = make()
-        self._ring = SnapshotRing(history, make)
+        self._make_snapshot = lambda: Snapshot(optimizer, module, mode=snapshot)  # noqa: E731
+        self._ring = SnapshotRing(history, self._make_snapshot)
+        self._initial = copy.deepcopy((self.threshold.state_dict(),
+                                       [s.state_dict() for s in self.signals]))
         self._reset_guard_state()
 
+    @property
+    def _uses_snapshots(self) -> bool:
+        return self.probe is not None
+
     def _reset_guard_state(self) -> None:
+        """Fresh guard: no reference, counters at zero, theta_safe <- theta_0 (Algorithm 1, l. 3).
+
+        Both happen here, before any forward pass moves BatchNorm statistics or the RNG, so
+        a broken probe fails now, with nothing changed. If the weights change before the
+        first ``step()`` (a checkpoint loaded after construction), that step measures and
+        captures again.
+        """
+        threshold, signals = copy.deepcopy(self._initial)
+        self.threshold.load_state_dict(threshold)
+        for s, sd in zip(self.signals, signals):
+            s.load_state_dict(sd)
+        self._ring.drop_from(-1)
+        self._safe = self._make_snapshot()
+        self._reset_counters()
+        if self._uses_snapshots:
+            self._measure_reference()
+
+    def _reset_counters(self) -> None:
         self.yhat: float | None = None     #: EWMA of accepted probe measurements
         self.y0: float | None = None       #: the first probe measurement
         self.last_decision: str | None = None
@@ -195,9 +219,10 @@ class GuardedOptimizer(Optimizer):
             self.inner.state = value
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group to the inner optimizer; the snapshot grows at the next capture."""
+        """Add a group to the inner optimizer; its params join the safe snapshot as they are."""
         if not self._initialising:
             self.inner.add_param_group(param_group)
+            self._safe.add_params(self.inner.param_groups[-1]["params"])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
@@ -222,6 +247,9 @@ class GuardedOptimizer(Optimizer):
                 args, kwargs = result
                 closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
         with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
+            if self.probe is not None and (self.yhat is None or (
+                    self._t == 0 and not self._safe.matches_live_params())):
+                self._measure_reference()  # before the closure's forward moves anything
             loss = None
             if closure is not None:
                 with torch.enable_grad():
@@ -239,9 +267,6 @@ class GuardedOptimizer(Optimizer):
         t = self._t
         self._t += 1
         self.stats["steps"] += 1
-        if self.probe is not None and self.yhat is None:          # Algorithm 1, lines 2-3
-            self.y0 = self.yhat = check_initial(measure_probe(self.probe, self.module))
-            self._safe.capture(t, yhat=self.yhat)
 
         # 1. measure before proposing: one host transfer for every flag
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
@@ -251,11 +276,10 @@ class GuardedOptimizer(Optimizer):
                              + [m.grad_norm.float()]).tolist()
         fired = [bool(v) for v in values[:-1]]
         applied = not any(fired)
-        for s, f in zip(self.signals, fired):
-            s.observe(m, applied, f)
         event = StepEvent(t, Decision.SKIP.value, grad_norm=values[-1],
                           signals={s.name: f for s, f in zip(self.signals, fired)})
         if not applied:
+            self._observe(m, applied, fired)
             names = [s.name for s, f in zip(self.signals, fired) if f]
             for name in names:
                 self.stats[f"skipped_{name}"] += 1
@@ -268,6 +292,7 @@ class GuardedOptimizer(Optimizer):
         self.inner.step(_replay(loss, closure))
         self._unverified += 1
         if self.probe is None or self._unverified < self.probe_every:
+            self._observe(m, applied, fired)
             self.stats["accepted"] += 1
             return self._finish(Decision.ACCEPT, event)
 
@@ -278,6 +303,7 @@ class GuardedOptimizer(Optimizer):
             self._safe.restore()  # never leave an unmeasured proposal behind
             self._unverified = 0
             raise
+        self._observe(m, applied, fired)
         self.stats["measured"] += 1
         nu, eps = innovation(y, self.yhat), self.threshold(self.yhat)
         event.y, event.yhat, event.innovation, event.threshold = y, self.yhat, nu, eps
@@ -299,6 +325,18 @@ class GuardedOptimizer(Optimizer):
         event.reason = "probe"
         event.action = self._rollback(y)
         return self._finish(Decision.ROLLBACK, event)
+
+    def _measure_reference(self) -> None:
+        """Algorithm 1, line 2: ``yhat_0 = y(theta_0)``; re-capture theta_0 if it changed."""
+        self.y0 = self.yhat = check_initial(measure_probe(self.probe, self.module))
+        if not (self._safe.captured and self._safe.matches_live_params()):
+            self._safe.capture(self._t)
+        self._safe.meta["yhat"] = self.yhat
+
+    def _observe(self, m: StepMeasurement, applied: bool, fired: list[bool]) -> None:
+        """Signals update their state once the step is decided (never on a failed call)."""
+        for s, f in zip(self.signals, fired):
+            s.observe(m, applied, f)
 
     def _rollback(self, y: float) -> str | None:
         """Restore the safe snapshot; escalate when rejections keep coming. Returns the action."""
@@ -342,6 +380,7 @@ class GuardedOptimizer(Optimizer):
             hook(self)
         guard = {
             "version": _STATE_VERSION,
+            "shapes": [list(p.shape) for g in self.param_groups for p in g["params"]],
             "t": self._t, "yhat": self.yhat, "y0": self.y0,
             "unverified": self._unverified, "consecutive": self._consecutive,
             "since_push": self._since_push, "last_decision": self.last_decision,
@@ -362,9 +401,9 @@ class GuardedOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a guarded state (or a plain optimizer's, which resets the guard).
 
-        Everything is checked before anything is changed: on error the optimizer, the
-        guard and the snapshots are exactly as before the call. The RNG states saved with
-        the guard are restored too, so a resumed run replays exactly.
+        Everything is checked and built before anything is changed: on error the optimizer,
+        the guard and the snapshots are exactly as before the call. The RNG states saved
+        with the guard are restored too, so a resumed run replays exactly.
         """
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
@@ -375,41 +414,69 @@ class GuardedOptimizer(Optimizer):
         if "inner" not in state_dict and {"state", "param_groups"} <= state_dict.keys():
             self.inner.load_state_dict(state_dict)  # a bare optimizer's checkpoint
             self._reset_guard_state()
-            self._safe = Snapshot(self.inner, self.module, mode=self._safe.mode)
-            self._ring.drop_from(-1)
         else:
-            guard = self._check_guard_state(state_dict)
+            commit = self._prepare_guard_state(state_dict)
             self.inner.load_state_dict(state_dict["inner"])  # validates before it mutates
-            self._load_guard_state(guard)
+            commit()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
-    def _check_guard_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+    def _prepare_guard_state(self, state_dict: dict[str, Any]) -> Callable[[], None]:
+        """Validate ``state_dict["guard"]`` and build its objects; return what commits them."""
         if set(state_dict) != {"inner", "guard"}:
             raise ValueError(f"state_dict has keys {sorted(state_dict)}; expected 'inner' and "
                              "'guard' (from GuardedOptimizer.state_dict()).")
         guard = state_dict["guard"]
+        if not isinstance(guard, dict):
+            raise TypeError(f"state_dict['guard'] must be a dict, got {type(guard).__name__}.")
         if guard.get("version") != _STATE_VERSION:
             raise ValueError(f"state_dict guard version {guard.get('version')!r} is not "
                              f"{_STATE_VERSION}; it was saved by another guarded_optim release.")
-        missing = {s.name for s in self.signals} - set(guard["signals"])
-        if missing:
-            raise ValueError(f"state_dict has no state for signals {sorted(missing)}; build the "
-                             "guard with the signals it was saved with.")
-        for snap in ([guard["safe"]] if guard["safe"] is not None else []) + list(guard["ring"]):
-            self._safe.check_state_dict(snap)
-        return guard
+        shapes = [list(p.shape) for g in self.param_groups for p in g["params"]]
+        try:
+            if [list(s) for s in guard["shapes"]] != shapes:
+                raise ValueError(
+                    f"state_dict does not match this optimizer's parameters: it was saved for "
+                    f"shapes {guard['shapes']}, this optimizer has {shapes}; load a state_dict "
+                    "saved from the same model and parameter groups.")
+            missing = {s.name for s in self.signals} - set(guard["signals"])
+            if missing:
+                raise ValueError(f"state_dict has no state for signals {sorted(missing)}; build "
+                                 "the guard with the signals it was saved with.")
+            threshold = copy.deepcopy(self.threshold)
+            try:
+                threshold.load_state_dict(guard["threshold"])
+            except KeyError as exc:
+                raise ValueError(
+                    f"state_dict['guard']['threshold'] {guard['threshold']} does not fit this "
+                    f"guard's threshold {self.threshold!r}; build the guard with the threshold "
+                    "(or epsilon) it was saved with.") from exc
+            signals = [copy.deepcopy(s) for s in self.signals]
+            for s in signals:
+                s.load_state_dict(guard["signals"][s.name])
+            safe = self._make_snapshot()
+            if guard["safe"] is not None:
+                safe.check_state_dict(guard["safe"])
+                safe.load_state_dict(guard["safe"])
+            ring = SnapshotRing(self._ring.capacity, self._make_snapshot)
+            for sd in guard["ring"]:
+                safe.check_state_dict(sd)
+            ring.load_state_dict(guard["ring"])
+            counters = dict(
+                _t=int(guard["t"]), yhat=guard["yhat"], y0=guard["y0"],
+                _unverified=int(guard["unverified"]), _consecutive=int(guard["consecutive"]),
+                _since_push=int(guard["since_push"]), last_decision=guard["last_decision"],
+                stats={**self.stats, **{k: int(v) for k, v in guard["stats"].items()}},
+                last_event=None)
+            rng = guard["rng"]
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"state_dict['guard'] is malformed ({type(exc).__name__}: {exc}); "
+                             "pass the unmodified output of GuardedOptimizer.state_dict().") from exc
 
-    def _load_guard_state(self, guard: dict[str, Any]) -> None:
-        self._t, self.yhat, self.y0 = int(guard["t"]), guard["yhat"], guard["y0"]
-        self._unverified, self._consecutive = int(guard["unverified"]), int(guard["consecutive"])
-        self._since_push, self.last_decision = int(guard["since_push"]), guard["last_decision"]
-        self.stats = {**self.stats, **{k: int(v) for k, v in guard["stats"].items()}}
-        self.threshold.load_state_dict(guard["threshold"])
-        for s in self.signals:
-            s.load_state_dict(guard["signals"][s.name])
-        self._safe = Snapshot(self.inner, self.module, mode=self._safe.mode)
-        if guard["safe"] is not None:
-            self._safe.load_state_dict(guard["safe"])
-        self._ring.load_state_dict(guard["ring"])
-        restore_rng(guard["rng"])
+        def commit() -> None:
+            self.threshold, self.signals = threshold, signals
+            self._safe, self._ring = safe, ring
+            self.__dict__.update(counters)
+            restore_rng(rng)
+
+        return commit

@@ -91,6 +91,8 @@ class Snapshot:
         self.step = -1          #: the guard's step count at capture (-1: never captured)
         self.meta: dict[str, Any] = {}  #: plain values the owner stores with the state
         self._fp: tuple | None = None
+        self._verify = 0        # captures left that check the live tensors are still the same
+        self._regather = False  # the optimizer replaces its state tensors (LBFGS): look each time
         self._params: list[torch.Tensor] = []             # live params, in group order
         self._saved_params: list[torch.Tensor] = []
         self._keys: dict[int, list[str]] = {}             # param index -> tensor state keys
@@ -134,6 +136,19 @@ class Snapshot:
         self._buffers = self._live_buffers()
         self._saved_buffers = [self._alloc(b) for b in self._buffers]
         self._fp = _fingerprint(opt, self._buffers)
+        self._verify = 2
+
+    def _gather_state(self) -> list[torch.Tensor] | None:
+        """The live state tensors in captured order, or ``None`` if the layout changed."""
+        state, live = self.optimizer.state, []
+        for i, keys in self._keys.items():
+            entry = state.get(self._params[i], {})
+            for k in keys:
+                t = entry.get(k)
+                if not isinstance(t, torch.Tensor):
+                    return None
+                live.append(t)
+        return live
 
     def _stale(self) -> bool:
         if self._fp != _fingerprint(self.optimizer, self._buffers):
@@ -149,6 +164,16 @@ class Snapshot:
         if self._fp is None or self._stale():
             self.wait()
             self._rebuild()
+        elif self._verify > 0 or self._regather:
+            self._verify -= 1
+            live_state = self._gather_state()
+            if live_state is None or any(
+                    a.shape != b.shape or a.dtype != b.dtype for a, b in zip(live_state, self._saved_state)):
+                self.wait()
+                self._rebuild()
+            elif any(a is not b for a, b in zip(live_state, self._live_state)):
+                self._regather = True
+                self._live_state = live_state
         live = self._params + self._live_state
         saved = self._saved_params + self._saved_state
         if self._stream is not None:
@@ -184,6 +209,14 @@ class Snapshot:
     def captured(self) -> bool:
         return self.step >= 0
 
+    def matches_live_params(self) -> bool:
+        """Whether the saved parameters equal the live ones (devices and values)."""
+        self.synchronize()
+        live = _flat_params(self.optimizer)
+        return len(live) == len(self._saved_params) and all(
+            a.device == b.device and torch.equal(a, b)
+            for a, b in zip((p.detach() for p in live), self._saved_params))
+
     @torch.no_grad()
     def restore(self) -> None:
         """Write the snapshot back into params, optimizer state, buffers and RNG, exactly.
@@ -195,11 +228,7 @@ class Snapshot:
             raise RuntimeError("Snapshot.restore() called before any capture().")
         self.wait()
         opt = self.optimizer
-        if self._fp == _fingerprint(opt, self._buffers) and not self._stale():
-            live_state = self._live_state  # fast path: the layout is the captured one
-        else:
-            live_state = self._relayout_state()
-        live = self._params + live_state
+        live = self._params + self._relayout_state()  # rare path: resolve live tensors afresh
         saved = self._saved_params + self._saved_state
         if live:
             torch._foreach_copy_(live, saved, non_blocking=self._pin)
@@ -237,10 +266,28 @@ class Snapshot:
         self._live_state = live
         return live
 
+    @torch.no_grad()
+    def add_params(self, params: Iterable[torch.Tensor]) -> None:
+        """Join ``params`` (a new parameter group) at their current values, without state.
+
+        The rest of the snapshot is unchanged: a restore puts the new parameters back to
+        their values now and drops any optimizer state they gain later.
+        """
+        if not self.captured:
+            return
+        self.synchronize()
+        for p in params:
+            self._params.append(p)
+            saved = self._alloc(p)
+            saved.copy_(p)
+            self._saved_params.append(saved)
+        self._fp = None
+
     def copy_from(self, other: "Snapshot") -> None:
         """Make this snapshot equal to ``other`` (same optimizer), reusing its own buffers."""
         other.synchronize()
-        if self._fp != other._fp or len(self._saved_state) != len(other._saved_state):
+        sizes = lambda s: (len(s._saved_params), len(s._saved_state), len(s._saved_buffers))  # noqa: E731
+        if self._fp != other._fp or sizes(self) != sizes(other):
             self._params = list(other._params)
             self._saved_params = [self._alloc(t) for t in other._saved_params]
             self._live_state = list(other._live_state)
@@ -258,6 +305,7 @@ class Snapshot:
                     torch._foreach_copy_(dst, src)
         self._others = copy.deepcopy(other._others)
         self._rng_state = copy.deepcopy(other._rng_state)
+        self._verify, self._regather = other._verify, other._regather
         self.step, self.meta = other.step, dict(other.meta)
 
     def nbytes(self) -> int:
