@@ -1,0 +1,73 @@
+"""Overhead of the guard as a ratio to the bare inner optimizer, measured in one process.
+
+Each repetition times every arm on the same task, seed and batches, in a rotated order
+(paired and interleaved, so drift in machine load hits all arms alike); the reported
+figure is the median over repetitions of ``time(arm) / time(bare)``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from ..guard import GuardedOptimizer
+from .tasks import make_task
+
+__all__ = ["ARMS", "time_arm", "overhead"]
+
+#: name -> how to wrap a fresh AdamW for the task; ``None`` is the bare optimizer.
+ARMS: dict[str, Callable | None] = {
+    "bare": None,
+    "guard_probe_every_1": lambda task, inner: GuardedOptimizer(inner, task.probe, module=task.model),
+    "guard_probe_every_10": lambda task, inner: GuardedOptimizer(inner, task.probe, module=task.model,
+                                                                 probe_every=10),
+    "guard_no_probe": lambda task, inner: GuardedOptimizer(inner),
+}
+
+
+def time_arm(task_name: str, wrap: Callable | None, steps: int, warmup: int = 5, seed: int = 0) -> float:
+    """Seconds for ``steps`` training steps (forward, backward, step) after ``warmup`` steps."""
+    task = make_task(task_name, seed)
+    opt = torch.optim.AdamW(task.model.parameters(), lr=task.lr)
+    if wrap is not None:
+        opt = wrap(task, opt)
+    batches = list(task.batches(warmup + steps))
+
+    def one(x, y):
+        opt.zero_grad(set_to_none=True)
+        task.loss_fn(task.model(x), y).backward()
+        opt.step()
+
+    for x, y in batches[:warmup]:
+        one(x, y)
+    start = time.perf_counter()
+    for x, y in batches[warmup:]:
+        one(x, y)
+    return time.perf_counter() - start
+
+
+def overhead(task_name: str = "cnn", arms: tuple[str, ...] = tuple(ARMS), steps: int = 50,
+             repeats: int = 9, seed: int = 0, progress: Callable[[int], None] | None = None
+             ) -> dict[str, dict[str, float]]:
+    """Median (and min/max) over ``repeats`` of each arm's time relative to ``bare``.
+
+    Returns ``{arm: {"ratio": median, "ratio_min":, "ratio_max":, "ms_per_step": median}}``.
+    """
+    if "bare" not in arms:
+        arms = ("bare",) + tuple(arms)
+    times: dict[str, list[float]] = {a: [] for a in arms}
+    ratios: dict[str, list[float]] = {a: [] for a in arms}
+    for r in range(repeats):
+        order = list(arms[r % len(arms):]) + list(arms[: r % len(arms)])
+        this = {a: time_arm(task_name, ARMS[a], steps, seed=seed) for a in order}
+        for a in arms:
+            times[a].append(this[a])
+            ratios[a].append(this[a] / this["bare"])
+        if progress is not None:
+            progress(r)
+    return {a: {"ratio": statistics.median(ratios[a]), "ratio_min": min(ratios[a]),
+                "ratio_max": max(ratios[a]), "ms_per_step": 1e3 * statistics.median(times[a]) / steps}
+            for a in arms}
