@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +63,12 @@ STDLIB_MODULES = (
 def stdlib_text(modules: tuple[str, ...] = STDLIB_MODULES) -> str:
     """The docstrings of ``modules`` and their public members, joined, printable ASCII only."""
     parts: list[str] = []
+    with warnings.catch_warnings():   # some stdlib attributes warn when touched (typing.io)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _docstrings(modules, parts)
+
+
+def _docstrings(modules: tuple[str, ...], parts: list[str]) -> str:
     for name in modules:
         mod = importlib.import_module(name)
         if mod.__doc__:
