@@ -251,10 +251,15 @@ def test_add_param_group_through_the_guard_trains_the_new_params():
     assert all(int(inner.state[p]["step"]) == 7 for p in m.parameters())
 
     # the snapshot grew with the group: a rollback now restores the new params too
+    _assert_rollback_restores_head(opt, m, head, loss_fn, BATCHES[7])
+
+
+def _assert_rollback_restores_head(opt, m, head, loss_fn, batch):
+    """A rejected step restores the late head's params together with everything else."""
     before = full_state(m, opt)
     before.update({f"head.{k}": v.detach().clone() for k, v in head.named_parameters()})
     with lr_spike(opt):
-        assert _step_with(opt, loss_fn, BATCHES[7]) == "rollback"
+        assert _step_with(opt, loss_fn, batch) == "rollback"
     after = full_state(m, opt)
     after.update({f"head.{k}": v.detach().clone() for k, v in head.named_parameters()})
     assert_bit_equal(before, after, ignore=())
@@ -292,13 +297,7 @@ def test_rollback_right_after_add_param_group_drops_state_that_did_not_exist(inn
     assert all(not torch.equal(a, p) for a, p in zip(head_before, head.parameters()))
 
     # the snapshot now covers the new params: a later rollback restores them too
-    before = full_state(m, opt)
-    before.update({f"head.{k}": v.detach().clone() for k, v in head.named_parameters()})
-    with lr_spike(opt):
-        assert _step_with(opt, loss_fn, BATCHES[7]) == "rollback"
-    after = full_state(m, opt)
-    after.update({f"head.{k}": v.detach().clone() for k, v in head.named_parameters()})
-    assert_bit_equal(before, after, ignore=())
+    _assert_rollback_restores_head(opt, m, head, loss_fn, BATCHES[7])
 
 
 @pytest.mark.parametrize("inner_name", ["sgd", "adam"])

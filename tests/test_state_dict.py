@@ -18,13 +18,7 @@ from guarded_optim import GradientSpike, GuardedOptimizer, RelativeThreshold
 PROBE_SET, BATCHES = tiny.data(seed=0, steps=60)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and far faster on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- helpers -------------------------------------------------------------------------------
