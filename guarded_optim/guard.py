@@ -34,8 +34,8 @@ from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimize
 from .events import StepEvent
 from .innovation import FixedThreshold, RelativeThreshold, Threshold, accepts, ewma, innovation
 from .policy import Decision
-from .signals import StepMeasurement, default_signals, global_grad_norm
-from .signals.probe import ProbeError, check_initial, measure_probe
+from .signals import StepMeasurement, Verdict, default_signals, global_grad_norm
+from .signals.probe import ProbeError, call_probe, check_initial, measure_probe
 from .snapshot import Snapshot, SnapshotRing, capture_rng, restore_rng
 
 __all__ = ["GuardedOptimizer"]
@@ -152,6 +152,9 @@ class GuardedOptimizer(Optimizer):
         names = [s.name for s in self.signals]
         if len(set(names)) != len(names):
             raise ValueError(f"signals must have distinct names, got {names}.")
+        for sig in self.signals:
+            if getattr(sig, "phase", None) not in ("before", "after"):
+                raise ValueError(f"signal {sig!r} must have phase 'before' or 'after'.")
         self.max_consecutive_rejections = max_consecutive_rejections
         self.checkpoint_every = checkpoint_every
         self.callbacks = list(callbacks)
@@ -163,8 +166,17 @@ class GuardedOptimizer(Optimizer):
         self._reset_guard_state()
 
     @property
+    def _pre(self) -> list:
+        return [s for s in self.signals if s.phase == "before"]
+
+    @property
+    def _post(self) -> list:
+        return [s for s in self.signals if s.phase == "after"]
+
+    @property
     def _uses_snapshots(self) -> bool:
-        return self.probe is not None
+        """Rollback needs snapshots: a probe, or any signal that can issue FAILURE."""
+        return self.probe is not None or any(s.verdict is Verdict.FAILURE for s in self.signals)
 
     def _reset_guard_state(self) -> None:
         """Fresh guard: no reference, counters at zero, theta_safe <- theta_0 (Algorithm 1, l. 3).
@@ -196,7 +208,8 @@ class GuardedOptimizer(Optimizer):
         self.stats: dict[str, int] = {
             "steps": 0, "accepted": 0, "rollbacks": 0, "skipped": 0, "measured": 0,
             "escalations": 0, "rebaselines": 0,
-            **{f"skipped_{s.name}": 0 for s in self.signals},
+            **{f"skipped_{s.name}": 0 for s in self.signals if s.verdict is Verdict.SKIP},
+            **{f"failures_{s.name}": 0 for s in self.signals if s.verdict is Verdict.FAILURE},
         }
 
     # -- the inner optimizer's attributes are the guard's ---------------------------------
@@ -267,20 +280,34 @@ class GuardedOptimizer(Optimizer):
         t = self._t
         self._t += 1
         self.stats["steps"] += 1
+        pre, post = self._pre, self._post
 
-        # 1. measure before proposing: one host transfer for every flag
+        # 1. measure before proposing (and, while proposals are unverified, the live state's
+        #    health with the post-step signals): one host transfer for every flag
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        m = StepMeasurement(t, global_grad_norm(grads), loss if isinstance(loss, torch.Tensor) else None)
-        flags = [s.measure(m) for s in self.signals]
-        values = torch.stack([f.to(m.grad_norm.device, torch.float32) for f in flags]
-                             + [m.grad_norm.float()]).tolist()
-        fired = [bool(v) for v in values[:-1]]
-        applied = not any(fired)
-        event = StepEvent(t, Decision.SKIP.value, grad_norm=values[-1],
-                          signals={s.name: f for s, f in zip(self.signals, fired)})
-        if not applied:
-            self._observe(m, applied, fired)
-            names = [s.name for s, f in zip(self.signals, fired) if f]
+        m = StepMeasurement(t, global_grad_norm(grads),
+                            loss if isinstance(loss, torch.Tensor) else None, self.inner)
+        device = m.grad_norm.device
+        checked = post if self._unverified else []   # unverified proposals: check theta_t now
+        parts = [s.measure(m).to(device, torch.float32).reshape(1) for s in pre + checked]
+        parts.insert(len(pre), m.grad_norm.detach().float().reshape(1))
+        values = torch.cat(parts).tolist()
+        fired, state_fired = ([bool(v) for v in values[: len(pre)]],
+                              [bool(v) for v in values[len(pre) + 1:]])
+        event = StepEvent(t, Decision.SKIP.value, grad_norm=values[len(pre)],
+                          signals={s.name: f for s, f in zip(pre + checked, fired + state_fired)})
+
+        damaged = [s.name for s, f in zip(checked, state_fired) if f]
+        damaged += [s.name for s, f in zip(pre, fired) if f and s.verdict is Verdict.FAILURE]
+        if damaged:               # the unverified proposals damaged the state (or theta_t is bad)
+            self._observe(pre, m, False, fired)
+            return self._fail(damaged, None, event)
+        self._observe(checked, m, True, state_fired)
+        if self._needs_verification_capture():
+            self._verify()        # no probe: the flags just read verified the live state
+        names = [s.name for s, f in zip(pre, fired) if f]
+        if names:
+            self._observe(pre, m, False, fired)
             for name in names:
                 self.stats[f"skipped_{name}"] += 1
             self.stats["skipped"] += 1
@@ -292,37 +319,62 @@ class GuardedOptimizer(Optimizer):
         self.inner.step(_replay(loss, closure))
         self._unverified += 1
         if self.probe is None or self._unverified < self.probe_every:
-            self._observe(m, applied, fired)
-            self.stats["accepted"] += 1
+            self._observe(pre, m, True, fired)
+            self.stats["accepted"] += 1   # provisional: checked at the next step's start
             return self._finish(Decision.ACCEPT, event)
 
-        # 3. measure the proposal
+        # 3. measure the proposal: probe and post-step flags in one transfer
+        after = m.after_proposal()
+        post_flags = [s.measure(after) for s in post]
         try:
-            y = measure_probe(self.probe, self.module)
+            raw = call_probe(self.probe, self.module)
         except ProbeError:
             self._safe.restore()  # never leave an unmeasured proposal behind
             self._unverified = 0
             raise
-        self._observe(m, applied, fired)
+        parts = [torch.as_tensor(raw).detach().to(device, torch.float64).reshape(1)]
+        parts += [f.to(device, torch.float64).reshape(1) for f in post_flags]
+        values = torch.cat(parts).tolist()
+        y, post_fired = values[0], [bool(v) for v in values[1:]]
+        self._observe(pre, m, True, fired)
+        self._observe(post, after, True, post_fired)
         self.stats["measured"] += 1
         nu, eps = innovation(y, self.yhat), self.threshold(self.yhat)
         event.y, event.yhat, event.innovation, event.threshold = y, self.yhat, nu, eps
+        damaged = [s.name for s, f in zip(post, post_fired) if f]
+        if damaged:
+            return self._fail(damaged, y, event)
 
         # 4. decide
-        self._unverified = 0
         if accepts(nu, eps):
             self.yhat = ewma(self.yhat, y, self.alpha)
             self.threshold.update(nu)
             self._consecutive = 0
-            self._safe.capture(t + 1, yhat=self.yhat)
-            self._since_push += 1
-            if self._since_push >= self.checkpoint_every:
-                self._ring.push(self._safe)
-                self._since_push = 0
+            self._verify()
             self.stats["accepted"] += 1
             return self._finish(Decision.ACCEPT, event)
+        return self._fail(["probe"], y, event)
+
+    def _needs_verification_capture(self) -> bool:
+        return (self.probe is None and self._uses_snapshots
+                and self._unverified >= self.probe_every)
+
+    def _verify(self) -> None:
+        """The live state is verified: it becomes the safe snapshot (and now and then a ring entry)."""
+        self._unverified = 0
+        self._safe.capture(self._t, yhat=self.yhat)
+        self._since_push += 1
+        if self._since_push >= self.checkpoint_every:
+            self._ring.push(self._safe)
+            self._since_push = 0
+
+    def _fail(self, reasons: list[str], y: float | None, event: StepEvent) -> Decision:
+        """FAILURE (a post-step signal, a pre-step loss spike) or a rejected probe: roll back."""
         self.stats["rollbacks"] += 1
-        event.reason = "probe"
+        for name in reasons:
+            if name != "probe":
+                self.stats[f"failures_{name}"] += 1
+        event.reason = ",".join(reasons)
         event.action = self._rollback(y)
         return self._finish(Decision.ROLLBACK, event)
 
@@ -333,14 +385,16 @@ class GuardedOptimizer(Optimizer):
             self._safe.capture(self._t)
         self._safe.meta["yhat"] = self.yhat
 
-    def _observe(self, m: StepMeasurement, applied: bool, fired: list[bool]) -> None:
+    @staticmethod
+    def _observe(signals, m: StepMeasurement, applied: bool, fired: list[bool]) -> None:
         """Signals update their state once the step is decided (never on a failed call)."""
-        for s, f in zip(self.signals, fired):
+        for s, f in zip(signals, fired):
             s.observe(m, applied, f)
 
     def _rollback(self, y: float) -> str | None:
         """Restore the safe snapshot; escalate when rejections keep coming. Returns the action."""
         self._consecutive += 1
+        self._unverified = 0
         action = None
         limit = self.max_consecutive_rejections
         if limit is not None and self._consecutive >= limit:
@@ -352,6 +406,11 @@ class GuardedOptimizer(Optimizer):
                 self.yhat = older.meta["yhat"]
                 self.stats["escalations"] += 1
                 action = "escalate"
+            elif y is None:            # nowhere older to go: the signals learn the new level
+                for sig in self.signals:
+                    getattr(sig, "rebase", lambda: None)()
+                self.stats["rebaselines"] += 1
+                action = "rebaseline"
             else:                      # nowhere older to go: accept the new level of y
                 self._safe.restore()
                 if not math.isfinite(y):

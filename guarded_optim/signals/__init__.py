@@ -3,15 +3,19 @@
 * :mod:`.probe` -- the validation probe loss (the primary, external measurement).
 * :mod:`.loss` -- :class:`NonFinite` loss or gradients.
 * :mod:`.gradients` -- :class:`GradientSpike`, the global gradient norm against its median.
+* :mod:`.weights` -- post-step :class:`NonFiniteWeights`, :class:`WeightNorm`,
+  :class:`OptimizerStateHealth` (FAILURE: roll back to the last verified state).
 """
 
-from .base import PreStepSignal, StepMeasurement
-from .gradients import GradientSpike, global_grad_norm
+from .base import PreStepSignal, Signal, StepMeasurement, Verdict
+from .gradients import GradientSpike, global_grad_norm, global_norm
 from .loss import NonFinite
 from .probe import ProbeError, measure_probe
+from .weights import NonFiniteWeights, OptimizerStateHealth, WeightNorm
 
-__all__ = ["PreStepSignal", "StepMeasurement", "GradientSpike", "global_grad_norm",
-           "NonFinite", "ProbeError", "measure_probe", "default_signals"]
+__all__ = ["Signal", "PreStepSignal", "StepMeasurement", "Verdict", "GradientSpike",
+           "global_grad_norm", "global_norm", "NonFinite", "NonFiniteWeights", "WeightNorm",
+           "OptimizerStateHealth", "ProbeError", "measure_probe", "default_signals"]
 
 
 def default_signals() -> list:

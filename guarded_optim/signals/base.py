@@ -1,34 +1,74 @@
-"""What a signal sees and what it must provide.
+"""What a signal sees and what it must provide (ARC, sec. 3.1).
 
-A *pre-step* signal measures the step before the inner optimizer proposes anything: it
-returns a 0-d bool tensor on the gradients' device (``True``: SKIP this step, do not apply
-it). Flags stay on the device; the guard reads all of them together with one host transfer
-per step, as ``GradScaler`` reads ``found_inf``.
+A signal measures one step into a 0-d bool tensor on the device (``True``: it fires) and
+states which :class:`Verdict` it issues when it fires:
+
+* ``phase = "before"``: measured on the gradients and loss *before* the inner optimizer
+  proposes. ``SKIP``: this step must not be applied. ``FAILURE``: the current parameters
+  are already damaged (a training-loss spike): roll back.
+* ``phase = "after"``: measured on a *proposed* state (weights, optimizer state). It can
+  only issue ``FAILURE``: roll back to the last verified state. On a measured step it runs
+  right after the proposal, read with the probe value; otherwise it runs at the start of
+  the next step on the live state (so the state it checks is exactly the one then captured
+  as verified, and damage done between steps is seen too), read with the pre-step flags.
+
+Flags stay on the device: one host transfer per step reads them all. Decisions combine
+as ``max``: any FAILURE wins, then SKIP, else HEALTHY.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
-__all__ = ["StepMeasurement", "PreStepSignal"]
+__all__ = ["Verdict", "StepMeasurement", "Signal", "PreStepSignal"]
+
+
+class Verdict(enum.IntEnum):
+    """A signal's (or the combined) verdict on a step. Larger is worse."""
+
+    HEALTHY = 0
+    SKIP = 1
+    FAILURE = 2
 
 
 @dataclass
 class StepMeasurement:
-    """The step as measured before proposing: training loss (if known) and gradient norm."""
+    """What signals read: the step, the gradient norm, the loss, and the optimizer itself."""
 
     step: int
     grad_norm: torch.Tensor
     loss: torch.Tensor | None = None
+    optimizer: torch.optim.Optimizer | None = None
+
+    _param_norm: torch.Tensor | None = None
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    @property
+    def param_norm(self) -> torch.Tensor:
+        """Global L2 norm of the parameters, computed once per measurement and shared."""
+        if self._param_norm is None:
+            from .gradients import global_norm
+            self._param_norm = global_norm([p.detach() for p in self.params])
+        return self._param_norm
+
+    def after_proposal(self) -> "StepMeasurement":
+        """The same step, measured again on the proposed parameters."""
+        return StepMeasurement(self.step, self.grad_norm, self.loss, self.optimizer)
 
 
-class PreStepSignal(Protocol):
-    """A check run on the gradients before ``inner.step()``; it can only SKIP a step."""
+class Signal(Protocol):
+    """A check the guard composes; see the module docstring for phases and verdicts."""
 
     name: str
+    phase: str          # "before" or "after"
+    verdict: Verdict    # what it issues when it fires
 
     def measure(self, m: StepMeasurement) -> torch.Tensor:
         """0-d bool tensor, ``True`` when this step must not be applied. No host sync."""
@@ -40,3 +80,6 @@ class PreStepSignal(Protocol):
 
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+PreStepSignal = Signal  # the name used before post-step signals existed

@@ -7,18 +7,19 @@ from typing import Any, Sequence
 
 import torch
 
-from .base import StepMeasurement
+from .base import StepMeasurement, Verdict
 
-__all__ = ["global_grad_norm", "GradientSpike"]
+__all__ = ["global_norm", "global_grad_norm", "GradientSpike"]
 
 _TINY = 1e-30
 
 
-def global_grad_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The L2 norm of all gradients together, as a 0-d tensor (``torch._foreach_norm``).
+def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of all ``tensors`` together, as a 0-d tensor (``torch._foreach_norm``).
 
     Non-finite if any element is non-finite. No host sync.
     """
+    grads = tensors
     if not grads:
         return torch.zeros(())
     get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
@@ -27,6 +28,9 @@ def global_grad_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     device = grads[0].device
     norms = torch._foreach_norm(list(grads))
     return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+
+
+global_grad_norm = global_norm
 
 
 class GradientSpike:
@@ -43,6 +47,7 @@ class GradientSpike:
     """
 
     name = "grad_spike"
+    phase, verdict = "before", Verdict.SKIP
 
     def __init__(self, factor: float = 10.0, window: int = 50, warmup: int = 10,
                  patience: int | None = 20):

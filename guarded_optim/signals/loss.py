@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .base import StepMeasurement
+from .base import StepMeasurement, Verdict
 
 __all__ = ["NonFinite"]
 
@@ -19,6 +19,7 @@ class NonFinite:
     """
 
     name = "nonfinite"
+    phase, verdict = "before", Verdict.SKIP
 
     def measure(self, m: StepMeasurement) -> torch.Tensor:
         bad = ~torch.isfinite(m.grad_norm)

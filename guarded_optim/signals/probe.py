@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["ProbeError", "measure_probe", "probe_value"]
+__all__ = ["ProbeError", "call_probe", "measure_probe", "probe_value", "check_output"]
 
 
 class ProbeError(ValueError):
@@ -19,25 +19,32 @@ _CONTRACT = ("probe must be a zero-argument callable returning a scalar loss (a 
              "or a Python number), e.g. probe=lambda: F.cross_entropy(model(x_probe), y_probe)")
 
 
-def probe_value(out: Any) -> float:
-    """The probe's result as a float (one host sync for a tensor), or ``ProbeError``."""
+def check_output(out: Any) -> Any:
+    """``out`` if it is a scalar tensor or a real number, else ``ProbeError``. No host sync."""
     if isinstance(out, torch.Tensor):
         if out.numel() != 1:
             raise ProbeError(f"probe returned a tensor of shape {tuple(out.shape)}, not a scalar; "
                              f"reduce it (e.g. .mean()). {_CONTRACT}.")
         if out.is_complex() or out.dtype == torch.bool:
             raise ProbeError(f"probe returned a {out.dtype} tensor. {_CONTRACT}.")
-        return float(out.item())
+        return out
     if isinstance(out, numbers.Real) and not isinstance(out, bool):
-        return float(out)
+        return out
     raise ProbeError(f"probe returned {type(out).__name__} {out!r:.60}. {_CONTRACT}.")
 
 
-def measure_probe(probe: Callable[[], Any], module: torch.nn.Module | None = None) -> float:
-    """``y(theta)``: call ``probe`` under ``torch.no_grad()``, in eval mode if ``module`` is given.
+def probe_value(out: Any) -> float:
+    """The probe's result as a float (one host sync for a tensor), or ``ProbeError``."""
+    out = check_output(out)
+    return float(out.item()) if isinstance(out, torch.Tensor) else float(out)
 
-    Every submodule's train/eval mode is put back as it was, even if the probe raises.
-    A probe that raises is reported as ``ProbeError`` chained to the original exception.
+
+def call_probe(probe: Callable[[], Any], module: torch.nn.Module | None = None) -> Any:
+    """Call ``probe`` under ``torch.no_grad()``, in eval mode if ``module`` is given.
+
+    Returns its checked output without reading it (no host sync). Every submodule's
+    train/eval mode is put back as it was, even if the probe raises. A probe that raises
+    is reported as ``ProbeError`` chained to the original exception.
     """
     modes = [(m, m.training) for m in module.modules()] if module is not None else []
     if module is not None:
@@ -50,7 +57,12 @@ def measure_probe(probe: Callable[[], Any], module: torch.nn.Module | None = Non
     finally:
         for m, training in modes:
             m.training = training
-    return probe_value(out)
+    return check_output(out)
+
+
+def measure_probe(probe: Callable[[], Any], module: torch.nn.Module | None = None) -> float:
+    """``y(theta)`` as a float: :func:`call_probe`, then one read."""
+    return probe_value(call_probe(probe, module))
 
 
 def check_initial(y: float) -> float:
