@@ -260,8 +260,8 @@ class GuardedOptimizer(Optimizer):
                 args, kwargs = result
                 closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
         with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
-            if self.probe is not None and (self.yhat is None or (
-                    self._t == 0 and not self._safe.matches_live_params())):
+            if (self.probe is not None and self.yhat is None) or (
+                    self._t == 0 and self._uses_snapshots and not self._safe.matches_live_params()):
                 self._measure_reference()  # before the closure's forward moves anything
             loss = None
             if closure is not None:
@@ -379,8 +379,9 @@ class GuardedOptimizer(Optimizer):
         return self._finish(Decision.ROLLBACK, event)
 
     def _measure_reference(self) -> None:
-        """Algorithm 1, line 2: ``yhat_0 = y(theta_0)``; re-capture theta_0 if it changed."""
-        self.y0 = self.yhat = check_initial(measure_probe(self.probe, self.module))
+        """Algorithm 1, lines 2-3: ``yhat_0 = y(theta_0)`` (with a probe); theta_safe <- theta_0."""
+        if self.probe is not None:
+            self.y0 = self.yhat = check_initial(measure_probe(self.probe, self.module))
         if not (self._safe.captured and self._safe.matches_live_params()):
             self._safe.capture(self._t)
         self._safe.meta["yhat"] = self.yhat

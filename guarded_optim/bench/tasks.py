@@ -70,6 +70,8 @@ def train(task: Task, optimizer: torch.optim.Optimizer, steps: int = 250, faults
     for t, (x, y) in enumerate(task.batches(steps)):
         optimizer.zero_grad()
         loss = task.loss_fn(task.model(x), y)
+        if faults is not None:
+            loss = faults.loss(t, loss)
         loss.backward()
         if faults is not None:
             faults.before_step(t, optimizer)

@@ -1,7 +1,7 @@
 """Signals: small objects that measure a step and state a verdict.
 
 * :mod:`.probe` -- the validation probe loss (the primary, external measurement).
-* :mod:`.loss` -- :class:`NonFinite` loss or gradients.
+* :mod:`.loss` -- :class:`NonFinite` loss or gradients (SKIP), :class:`LossSpike` (FAILURE).
 * :mod:`.gradients` -- :class:`GradientSpike`, the global gradient norm against its median.
 * :mod:`.weights` -- post-step :class:`NonFiniteWeights`, :class:`WeightNorm`,
   :class:`OptimizerStateHealth` (FAILURE: roll back to the last verified state).
@@ -9,12 +9,12 @@
 
 from .base import PreStepSignal, Signal, StepMeasurement, Verdict
 from .gradients import GradientSpike, global_grad_norm, global_norm
-from .loss import NonFinite
+from .loss import LossSpike, NonFinite
 from .probe import ProbeError, measure_probe
 from .weights import NonFiniteWeights, OptimizerStateHealth, WeightNorm
 
 __all__ = ["Signal", "PreStepSignal", "StepMeasurement", "Verdict", "GradientSpike",
-           "global_grad_norm", "global_norm", "NonFinite", "NonFiniteWeights", "WeightNorm",
+           "global_grad_norm", "global_norm", "NonFinite", "LossSpike", "NonFiniteWeights", "WeightNorm",
            "OptimizerStateHealth", "ProbeError", "measure_probe", "default_signals"]
 
 

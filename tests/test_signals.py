@@ -1,0 +1,204 @@
+"""ARC signals: each fires on its fault, stays silent on clean runs, and composes."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import tiny
+from guarded_optim import GuardedOptimizer
+from guarded_optim.faults import FaultSchedule, make_fault
+from guarded_optim.signals import (GradientSpike, LossSpike, NonFinite, NonFiniteWeights,
+                                   OptimizerStateHealth, Verdict, WeightNorm)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def all_signals():
+    return [NonFinite(), GradientSpike(), LossSpike(), NonFiniteWeights(), WeightNorm(),
+            OptimizerStateHealth()]
+
+
+def guarded(seed=0, signals=None, **kw):
+    m = tiny.model(seed)
+    opt = GuardedOptimizer(torch.optim.AdamW(m.parameters(), lr=1e-2),
+                           signals=all_signals() if signals is None else signals, **kw)
+    return m, opt
+
+
+def run(m, opt, batches, faults=None, start=0):
+    out = []
+    for t, (x, y) in enumerate(batches, start):
+        opt.zero_grad()
+        loss = F.mse_loss(m(x), y)
+        if faults is not None:
+            loss = faults.loss(t, loss)
+        loss.backward()
+        if faults is not None:
+            faults.before_step(t, opt)
+        opt.step(lambda loss=loss: loss)
+        if faults is not None:
+            faults.after_step(t, opt)
+        out.append((opt.last_decision, opt.last_event.reason))
+    return out
+
+
+def weights_and_state(m, opt):
+    return {k: v for k, v in tiny.full_state(m, opt).items() if k.startswith(("param.", "state."))}
+
+
+@pytest.mark.parametrize("fault,signal,when", [
+    ("nan_grad", "nonfinite", "skip"),
+    ("inf_grad", "nonfinite", "skip"),
+    ("nan_loss", "nonfinite", "skip"),
+    ("grad_x300", "grad_spike", "skip"),
+    ("weights_nan", "nonfinite_weights", "now"),
+    ("weights_x1e4", "weight_norm", "now"),
+    ("weights_zero", "weight_norm", "now"),
+    ("adam_state_x1e6", "optimizer_state", "now"),
+    ("adam_state_nan", "optimizer_state", "now"),
+    ("lr_x100000", "weight_norm", "next"),
+])
+def test_signal_fires_on_its_fault_and_rollback_is_exact(fault, signal, when):
+    """skip: never applied. now: damage present when step() starts (written between steps)
+    is seen before proposing. next: damage made by the proposal is seen when the next step
+    starts. A rollback returns to the last *verified* state, bit for bit."""
+    m, opt = guarded()
+    _, batches = tiny.data(steps=40)
+    run(m, opt, batches[:29])
+    theta_29 = weights_and_state(m, opt)
+    run(m, opt, batches[29:30], start=29)
+    theta_30 = weights_and_state(m, opt)
+    faults = FaultSchedule([make_fault(fault, 30, 1)])
+    d = run(m, opt, batches[30:31], faults, start=30)
+    if when == "skip":
+        assert d[0] == ("skip", signal)
+        assert opt.stats[f"skipped_{signal}"] == 1 and opt.stats["rollbacks"] == 0
+    elif when == "now":
+        assert d[0][0] == "rollback" and signal in d[0][1]
+        tiny.assert_same(theta_29, weights_and_state(m, opt))
+        assert opt.stats[f"failures_{signal}"] == 1
+    else:
+        d += run(m, opt, batches[31:32], faults, start=31)
+        assert d[0][0] == "accept" and d[1][0] == "rollback" and signal in d[1][1]
+        assert opt.stats[f"failures_{signal}"] == 1
+        tiny.assert_same(theta_30, weights_and_state(m, opt))
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+def test_damage_between_steps_rolls_back_to_the_last_verified_state():
+    m, opt = guarded()
+    _, batches = tiny.data(steps=40)
+    run(m, opt, batches[:29])
+    theta_29 = weights_and_state(m, opt)         # verified when step 29 starts
+    run(m, opt, batches[29:30], start=29)
+    with torch.no_grad():
+        m[0].weight.mul_(1e4)
+    x, y = batches[30]
+    opt.step(tiny.closure_for(opt, m, x, y))
+    assert opt.last_decision == "rollback" and "weight_norm" in opt.last_event.reason
+    tiny.assert_same(theta_29, weights_and_state(m, opt))
+
+
+def test_loss_spike_on_damaged_weights_rolls_back_before_proposing():
+    m, opt = guarded(signals=[NonFinite(), LossSpike()])
+    _, batches = tiny.data(steps=40)
+    run(m, opt, batches[:29])
+    verified = weights_and_state(m, opt)         # theta_29: verified when step 29 starts
+    run(m, opt, batches[29:30], start=29)
+    with torch.no_grad():
+        m[4].weight.mul_(1e3)                    # damage done between steps
+    d = run(m, opt, batches[30:31], start=30)
+    assert d == [("rollback", "loss_spike")]
+    tiny.assert_same(verified, weights_and_state(m, opt))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_clean_runs_raise_no_alarm(seed):
+    m, opt = guarded(seed)
+    _, batches = tiny.data(seed, steps=80)
+    decisions = run(m, opt, batches)
+    assert decisions == [("accept", None)] * 80
+    assert opt.stats["rollbacks"] == opt.stats["skipped"] == 0
+
+
+def test_clean_guarded_run_with_all_signals_is_bit_identical_to_bare():
+    _, batches = tiny.data(steps=40)
+    m1, opt = guarded()
+    run(m1, opt, batches)
+    m2 = tiny.model(0)
+    bare = torch.optim.AdamW(m2.parameters(), lr=1e-2)
+    for x, y in batches:
+        bare.zero_grad()
+        F.mse_loss(m2(x), y).backward()
+        bare.step()
+    tiny.assert_same(weights_and_state(m2, bare), weights_and_state(m1, opt))
+
+
+def test_persistent_failure_rebases_instead_of_rolling_back_forever():
+    """A bound that every proposal crosses (here: too tight for this LR) must not stall the run."""
+    m, opt = guarded(signals=[WeightNorm(max_step_ratio=1.0001)], max_consecutive_rejections=3,
+                     history=0)
+    _, batches = tiny.data(steps=40)
+    d = [x[0] for x in run(m, opt, batches)]
+    assert d.count("accept") >= 10 and opt.stats["rebaselines"] >= 3
+    assert max(len(r) for r in "".join("r" if x == "rollback" else " " for x in d).split()) <= 3
+
+    stalled, stalled_opt = guarded(signals=[WeightNorm(max_step_ratio=1.0001)],
+                                   max_consecutive_rejections=None)
+    d = [x[0] for x in run(stalled, stalled_opt, batches)]
+    assert d[2:] == ["rollback", "accept"] * 19      # without the escape: every proposal undone
+
+
+def test_signal_state_round_trips_weights_only(tmp_path):
+    m, opt = guarded()
+    _, batches = tiny.data(steps=30)
+    run(m, opt, batches)
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    m2, opt2 = guarded()
+    opt2.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+    for a, b in zip(opt.signals, opt2.signals):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            if isinstance(sa[k], torch.Tensor):
+                assert torch.equal(sa[k], sb[k]), (a.name, k)
+            else:
+                assert sa[k] == sb[k], (a.name, k)
+
+
+def test_verdicts_and_phases_are_declared():
+    for s in all_signals():
+        assert s.phase in ("before", "after") and isinstance(s.verdict, Verdict)
+        assert s.phase == "before" or s.verdict is Verdict.FAILURE
+
+
+PROPOSAL_FAULTS = ["nan_grad", "inf_grad", "grad_x300", "lr_x1000", "lr_x100000", "nan_loss"]
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(PROPOSAL_FAULTS), st.integers(12, 38), st.integers(1, 3)),
+                max_size=4), st.integers(0, 1000))
+def test_random_faults_end_finite_and_equal_to_replaying_applied_steps(faults, seed):
+    """The final weights are those of the accepted steps alone, applied in order."""
+    _, batches = tiny.data(seed, steps=40)
+    schedule = FaultSchedule([make_fault(n, s, length, seed=seed) for n, s, length in faults])
+    m, opt = guarded(seed)
+    decisions = [d for d, _ in run(m, opt, batches, schedule)]
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+    # a rollback at step t+1 undoes the provisional step t (the state it checks)
+    kept = [t for t, d in enumerate(decisions)
+            if d == "accept" and not (t + 1 < len(decisions) and decisions[t + 1] == "rollback")]
+    m2 = tiny.model(seed)
+    bare = torch.optim.AdamW(m2.parameters(), lr=1e-2)
+    for t, (x, y) in enumerate(batches):
+        bare.zero_grad()
+        loss = F.mse_loss(m2(x), y)
+        if t in kept:
+            schedule.loss(t, loss).backward()
+            schedule.before_step(t, bare)
+            bare.step()
+            schedule.after_step(t, bare)
+    tiny.assert_same(weights_and_state(m2, bare), weights_and_state(m, opt))
