@@ -7,8 +7,9 @@ and change nothing else.
 from .events import StepEvent
 from .guard import GuardedOptimizer
 from .innovation import FixedThreshold, RelativeThreshold, accepts, ewma, innovation
-from .policy import Decision
-from .signals import GradientSpike, NonFinite, ProbeError, default_signals
+from .policy import Decision, Escape, RecoveryAction, ReduceLR, arc_recovery
+from .signals import (GradientSpike, LossSpike, NonFinite, NonFiniteWeights,
+                      OptimizerStateHealth, ProbeError, Verdict, WeightNorm, default_signals)
 from .snapshot import Snapshot, SnapshotRing
 
 __version__ = "0.1.0"
@@ -16,5 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "GuardedOptimizer", "Decision", "StepEvent", "Snapshot", "SnapshotRing",
     "FixedThreshold", "RelativeThreshold", "innovation", "ewma", "accepts",
-    "GradientSpike", "NonFinite", "ProbeError", "default_signals", "__version__",
+    "GradientSpike", "NonFinite", "LossSpike", "NonFiniteWeights", "WeightNorm",
+    "OptimizerStateHealth", "Verdict", "ProbeError", "default_signals",
+    "RecoveryAction", "ReduceLR", "Escape", "arc_recovery", "__version__",
 ]

@@ -12,9 +12,10 @@ __all__ = ["StepEvent"]
 class StepEvent:
     """One ``step()`` as the guard saw it. Measurements not taken on this step are ``None``.
 
-    ``action`` names what the guard did beyond the decision itself: ``"escalate"`` (rolled
-    back to an older verified snapshot), ``"rebaseline"`` (reset ``yhat`` after
-    ``max_consecutive_rejections``), or ``None``.
+    ``action`` names what the guard did beyond the decision itself, comma-separated:
+    ``"escalate"`` (rolled back to an older verified snapshot), ``"rebaseline"`` (reset the
+    references after ``max_consecutive_rejections``), and what recovery actions did
+    (``"lr_scale=0.5"``, ``"escape"``); ``None`` when nothing else happened.
     """
 
     step: int
@@ -27,6 +28,7 @@ class StepEvent:
     threshold: float | None = None
     action: str | None = None
     signals: dict[str, bool] = field(default_factory=dict)
+    skip_batches: int = 0   #: set by an escape: advance the data iterator by this many
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -33,7 +33,7 @@ from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimize
 
 from .events import StepEvent
 from .innovation import FixedThreshold, RelativeThreshold, Threshold, accepts, ewma, innovation
-from .policy import Decision
+from .policy import Decision, Escape, RecoveryAction
 from .signals import StepMeasurement, Verdict, default_signals, global_grad_norm
 from .signals.probe import ProbeError, call_probe, check_initial, measure_probe
 from .snapshot import Snapshot, SnapshotRing, capture_rng, restore_rng
@@ -88,6 +88,9 @@ class GuardedOptimizer(Optimizer):
         checkpoint_every: accepted measured steps between two pushes into that history.
         snapshot: ``"auto"``, ``"device"`` or ``"host"`` (see :mod:`.snapshot`).
         callbacks: callables receiving a :class:`StepEvent` for every ``step()``.
+        recovery: healing actions run after rollbacks (:mod:`.policy`: ``ReduceLR``,
+            ``Escape``, or ``arc_recovery()``). Default: none, so the guard never changes
+            the optimisation itself; every action it takes is reported in the events.
 
     ``opt.last_decision`` is ``"accept"``, ``"rollback"`` or ``"skip"``; ``opt.stats`` counts
     them (plain ints). Step post-hooks fire only for accepted steps.
@@ -111,6 +114,7 @@ class GuardedOptimizer(Optimizer):
         checkpoint_every: int = 50,
         snapshot: str = "auto",
         callbacks: Iterable[Callable[[StepEvent], None]] = (),
+        recovery: Iterable[RecoveryAction] = (),
     ):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got "
@@ -158,11 +162,13 @@ class GuardedOptimizer(Optimizer):
         self.max_consecutive_rejections = max_consecutive_rejections
         self.checkpoint_every = checkpoint_every
         self.callbacks = list(callbacks)
+        self.recovery = list(recovery)
 
         self._make_snapshot = lambda: Snapshot(optimizer, module, mode=snapshot)  # noqa: E731
         self._ring = SnapshotRing(history, self._make_snapshot)
         self._initial = copy.deepcopy((self.threshold.state_dict(),
-                                       [s.state_dict() for s in self.signals]))
+                                       [s.state_dict() for s in self.signals],
+                                       [a.state_dict() for a in self.recovery]))
         self._reset_guard_state()
 
     @property
@@ -186,10 +192,12 @@ class GuardedOptimizer(Optimizer):
         first ``step()`` (a checkpoint loaded after construction), that step measures and
         captures again.
         """
-        threshold, signals = copy.deepcopy(self._initial)
+        threshold, signals, recovery = copy.deepcopy(self._initial)
         self.threshold.load_state_dict(threshold)
         for s, sd in zip(self.signals, signals):
             s.load_state_dict(sd)
+        for a, sd in zip(self.recovery, recovery):
+            a.load_state_dict(sd)
         self._ring.drop_from(-1)
         self._safe = self._make_snapshot()
         self._reset_counters()
@@ -205,9 +213,10 @@ class GuardedOptimizer(Optimizer):
         self._unverified = 0               # applied steps since the last verified state
         self._consecutive = 0              # rejections in a row
         self._since_push = 0               # accepted measurements since the last ring push
+        self._in_row = 0                   # rollbacks since the last healthy applied step
         self.stats: dict[str, int] = {
             "steps": 0, "accepted": 0, "rollbacks": 0, "skipped": 0, "measured": 0,
-            "escalations": 0, "rebaselines": 0,
+            "escalations": 0, "rebaselines": 0, "escapes": 0,
             **{f"skipped_{s.name}": 0 for s in self.signals if s.verdict is Verdict.SKIP},
             **{f"failures_{s.name}": 0 for s in self.signals if s.verdict is Verdict.FAILURE},
         }
@@ -316,10 +325,11 @@ class GuardedOptimizer(Optimizer):
 
         # 2. propose
         self._safe.wait()
-        self.inner.step(_replay(loss, closure))
+        self._propose(_replay(loss, closure))
         self._unverified += 1
         if self.probe is None or self._unverified < self.probe_every:
             self._observe(pre, m, True, fired)
+            self._healthy()
             self.stats["accepted"] += 1   # provisional: checked at the next step's start
             return self._finish(Decision.ACCEPT, event)
 
@@ -351,9 +361,30 @@ class GuardedOptimizer(Optimizer):
             self.threshold.update(nu)
             self._consecutive = 0
             self._verify()
+            self._healthy()
             self.stats["accepted"] += 1
             return self._finish(Decision.ACCEPT, event)
         return self._fail(["probe"], y, event)
+
+    def _propose(self, closure: Callable | None) -> None:
+        """``inner.step()``, with the recovery actions' LR scale applied around it only."""
+        scale = math.prod(a.lr_scale() for a in self.recovery)
+        if scale == 1.0:
+            self.inner.step(closure)
+            return
+        base = [g["lr"] for g in self.param_groups]
+        for g, lr in zip(self.param_groups, base):
+            g["lr"] = lr * scale
+        try:
+            self.inner.step(closure)
+        finally:
+            for g, lr in zip(self.param_groups, base):
+                g["lr"] = lr
+
+    def _healthy(self) -> None:
+        self._in_row = 0
+        for a in self.recovery:
+            a.on_healthy(self)
 
     def _needs_verification_capture(self) -> bool:
         return (self.probe is None and self._uses_snapshots
@@ -375,7 +406,14 @@ class GuardedOptimizer(Optimizer):
             if name != "probe":
                 self.stats[f"failures_{name}"] += 1
         event.reason = ",".join(reasons)
-        event.action = self._rollback(y)
+        actions = [self._rollback(y)]
+        self._in_row += 1
+        for a in self.recovery:
+            actions.append(a.on_rollback(self, self._in_row))
+            if actions[-1] == "escape":
+                self.stats["escapes"] += 1
+                event.skip_batches = max(event.skip_batches, getattr(a, "skip_batches", 0))
+        event.action = ",".join(a for a in actions if a) or None
         return self._finish(Decision.ROLLBACK, event)
 
     def _measure_reference(self) -> None:
@@ -447,6 +485,7 @@ class GuardedOptimizer(Optimizer):
             "stats": dict(self.stats),
             "threshold": self.threshold.state_dict(),
             "signals": {s.name: s.state_dict() for s in self.signals},
+            "recovery": [a.state_dict() for a in self.recovery], "in_row": self._in_row,
             "rng": capture_rng(),
             "safe": self._safe.state_dict() if self._safe.captured else None,
             "ring": self._ring.state_dict(),
@@ -514,6 +553,13 @@ class GuardedOptimizer(Optimizer):
             signals = [copy.deepcopy(s) for s in self.signals]
             for s in signals:
                 s.load_state_dict(guard["signals"][s.name])
+            if len(guard["recovery"]) != len(self.recovery):
+                raise ValueError(f"state_dict has state for {len(guard['recovery'])} recovery "
+                                 f"actions, this guard has {len(self.recovery)}; build it with "
+                                 "the recovery actions it was saved with.")
+            recovery = [copy.deepcopy(a) for a in self.recovery]
+            for a, sd in zip(recovery, guard["recovery"]):
+                a.load_state_dict(sd)
             safe = self._make_snapshot()
             if guard["safe"] is not None:
                 safe.check_state_dict(guard["safe"])
@@ -526,6 +572,7 @@ class GuardedOptimizer(Optimizer):
                 _t=int(guard["t"]), yhat=guard["yhat"], y0=guard["y0"],
                 _unverified=int(guard["unverified"]), _consecutive=int(guard["consecutive"]),
                 _since_push=int(guard["since_push"]), last_decision=guard["last_decision"],
+                _in_row=int(guard["in_row"]),
                 stats={**self.stats, **{k: int(v) for k, v in guard["stats"].items()}},
                 last_event=None)
             rng = guard["rng"]
@@ -534,7 +581,7 @@ class GuardedOptimizer(Optimizer):
                              "pass the unmodified output of GuardedOptimizer.state_dict().") from exc
 
         def commit() -> None:
-            self.threshold, self.signals = threshold, signals
+            self.threshold, self.signals, self.recovery = threshold, signals, recovery
             self._safe, self._ring = safe, ring
             self.__dict__.update(counters)
             restore_rng(rng)

@@ -9,7 +9,8 @@ import torch
 
 from .base import StepMeasurement, Verdict
 
-__all__ = ["global_norm", "global_grad_norm", "GradientSpike"]
+__all__ = ["global_norm", "global_grad_norm", "GradientSpike", "GradientAgreement", "LayerwiseCV",
+           "GradientEntropy"]
 
 _TINY = 1e-30
 
@@ -101,3 +102,285 @@ class GradientSpike:
     def __repr__(self) -> str:
         return (f"GradientSpike(factor={self.factor}, window={self.window}, "
                 f"warmup={self.warmup}, patience={self.patience})")
+
+
+def _grads(m: StepMeasurement) -> list[torch.Tensor]:
+    return [p.grad.detach() for p in m.params if p.grad is not None]
+
+
+def _false(device) -> torch.Tensor:
+    return torch.zeros((), dtype=torch.bool, device=device)
+
+
+class _RunningMedian:
+    """A device ring buffer of the last ``window`` values of applied, not-fired steps.
+
+    Shared by the median-referenced signals below; host-side bookkeeping only (``count``,
+    ``consecutive``), the values never leave the device.
+    """
+
+    def __init__(self, window: int, warmup: int, patience: int | None):
+        if window < 1 or warmup < 1:
+            raise ValueError(f"Invalid window={window!r} / warmup={warmup!r}; both must be >= 1.")
+        if patience is not None and patience < 1:
+            raise ValueError(f"Invalid patience: {patience!r}; use an int >= 1 or None.")
+        self.window, self.warmup, self.patience = window, warmup, patience
+        self.buffer: torch.Tensor | None = None
+        self.count = 0
+        self.consecutive = 0
+        self.rebaselines = 0
+        self.value: torch.Tensor | None = None
+
+    def reference(self, value: torch.Tensor) -> torch.Tensor | None:
+        """Remember ``value``; return the running median, or ``None`` while warming up."""
+        self.value = value
+        if self.buffer is None or self.buffer.device != value.device:
+            self.buffer = torch.zeros(self.window, device=value.device)
+        if self.count < self.warmup:
+            return None
+        return self.buffer[: min(self.count, self.window)].median()
+
+    def observe(self, applied: bool, fired: bool) -> None:
+        if self.value is None:
+            return
+        value = torch.nan_to_num(self.value.float(), nan=0.0, posinf=0.0, neginf=0.0)
+        if applied and not fired:
+            self.buffer[self.count % self.window] = value
+            self.count += 1
+            self.consecutive = 0
+        elif fired:
+            self.consecutive += 1
+            if self.patience is not None and self.consecutive >= self.patience:
+                self.buffer.fill_(0.0).add_(value)
+                self.count, self.consecutive = max(self.count, self.window), 0
+                self.rebaselines += 1
+
+    def rebase(self) -> None:
+        self.buffer, self.count, self.consecutive = None, 0, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"buffer": self.buffer, "count": self.count, "consecutive": self.consecutive,
+                "rebaselines": self.rebaselines}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        buf = state["buffer"]
+        self.buffer = None if buf is None else buf.detach().clone()
+        self.count, self.consecutive = int(state["count"]), int(state["consecutive"])
+        self.rebaselines = int(state["rebaselines"])
+
+
+class GradientAgreement:
+    """SKIP a step whose gradient points against the previous applied step's gradient.
+
+    Measures the cosine similarity between this step's flattened gradient (all parameters,
+    ``torch.cat`` of ``g.flatten()`` in float32) and that of the last applied, not-fired
+    step. Fires when the cosine is below ``threshold`` after ``warmup`` applied steps: the
+    gradient reversed (a sign flip, a corrupted loss, a reversed objective). A skipped step
+    never becomes the reference; after ``patience`` consecutive firings the reference is
+    re-based on the current gradient (``patience=None``: never).
+
+    Cost: one float32 copy of the whole gradient is kept on the device (the size of the
+    model), and one more is built per step; a dot product and two norms per step.
+
+    Defaults (``threshold=-0.9``): the smallest cosine between consecutive gradients on clean
+    runs was -0.35 on the tiny model (20 seeds x 80 steps, AdamW lr=1e-2) and -0.06 on the
+    ``cnn`` bench task (2 seeds x 250 steps, AdamW lr=1e-3), while a reversed gradient
+    (``grad_x300`` with ``factor=-1``) gives exactly -1.
+    """
+
+    name = "grad_agreement"
+    phase, verdict = "before", Verdict.SKIP
+
+    def __init__(self, threshold: float = -0.9, warmup: int = 10, patience: int | None = 20):
+        if not (math.isfinite(threshold) and -1 <= threshold < 1):
+            raise ValueError(f"Invalid threshold: {threshold!r}; it must be in [-1, 1).")
+        if warmup < 1:
+            raise ValueError(f"Invalid warmup: {warmup!r}; it must be >= 1.")
+        if patience is not None and patience < 1:
+            raise ValueError(f"Invalid patience: {patience!r}; use an int >= 1 or None.")
+        self.threshold, self.warmup, self.patience = threshold, warmup, patience
+        self.previous: torch.Tensor | None = None   # flat gradient of the last applied step
+        self.count = 0
+        self.consecutive = 0
+        self.rebaselines = 0
+        self._flat: torch.Tensor | None = None
+        self.last_cosine: torch.Tensor | None = None
+
+    def measure(self, m: StepMeasurement) -> torch.Tensor:
+        grads = _grads(m)
+        if not grads:
+            self._flat = None
+            return _false(m.grad_norm.device)
+        flat = self._flat = torch.cat([g.reshape(-1).float() for g in grads])
+        prev = self.previous
+        if (prev is None or self.count < self.warmup or prev.shape != flat.shape
+                or prev.device != flat.device):
+            return _false(flat.device)
+        denom = (torch.linalg.vector_norm(flat) * torch.linalg.vector_norm(prev)).clamp_min(_TINY)
+        cos = self.last_cosine = torch.dot(flat, prev) / denom
+        return torch.isfinite(cos) & (cos < self.threshold)
+
+    def observe(self, m: StepMeasurement, applied: bool, fired: bool) -> None:
+        if self._flat is None:
+            return
+        if applied and not fired:
+            self.previous = torch.nan_to_num(self._flat, nan=0.0, posinf=0.0, neginf=0.0)
+            self.count += 1
+            self.consecutive = 0
+        elif fired:
+            self.consecutive += 1
+            if self.patience is not None and self.consecutive >= self.patience:
+                self.previous, self.consecutive = self._flat, 0
+                self.rebaselines += 1
+        self._flat = None
+
+    def rebase(self) -> None:
+        """Forget the reference gradient and warm up again."""
+        self.previous, self.count, self.consecutive = None, 0, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"previous": self.previous, "count": self.count, "consecutive": self.consecutive,
+                "rebaselines": self.rebaselines}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        prev = state["previous"]
+        self.previous = None if prev is None else prev.detach().clone()
+        self.count, self.consecutive = int(state["count"]), int(state["consecutive"])
+        self.rebaselines = int(state["rebaselines"])
+
+    def __repr__(self) -> str:
+        return (f"GradientAgreement(threshold={self.threshold}, warmup={self.warmup}, "
+                f"patience={self.patience})")
+
+
+class LayerwiseCV:
+    """SKIP a step whose per-tensor gradient norms are far more uneven than usual.
+
+    Measures the coefficient of variation (std / mean) of the per-tensor gradient norms
+    (``torch._foreach_norm``, stacked). Fires after ``warmup`` applied steps when the CV
+    exceeds ``factor`` x the running median of the last ``window`` applied, not-fired steps
+    (kept in log space on the device): one layer's gradient exploding or vanishing while the
+    others do not, which the global norm can miss when that layer is small. Re-bases after
+    ``patience`` consecutive firings, like :class:`GradientSpike`.
+
+    Defaults (``factor=3``): the largest ratio of the CV to its running median on clean runs
+    was 1.34 on the tiny model (20 seeds x 80 steps) and 1.33 on the ``cnn`` task (2 seeds x
+    250 steps); one layer's gradient scaled x1000 gives a ratio above 2 on the tiny model
+    (6 tensors; the CV of n tensors is bounded by sqrt(n - 1)).
+    """
+
+    name = "layerwise_cv"
+    phase, verdict = "before", Verdict.SKIP
+
+    def __init__(self, factor: float = 3.0, window: int = 50, warmup: int = 10,
+                 patience: int | None = 20):
+        if not (math.isfinite(factor) and factor > 1):
+            raise ValueError(f"Invalid factor: {factor!r}; it must be a finite number > 1.")
+        self.factor = factor
+        self._log_factor = math.log(factor)
+        self.median = _RunningMedian(window, warmup, patience)
+        self.last_cv: torch.Tensor | None = None
+
+    def measure(self, m: StepMeasurement) -> torch.Tensor:
+        grads = _grads(m)
+        if len(grads) < 2:
+            self.median.value = None
+            return _false(m.grad_norm.device)
+        device = grads[0].device
+        norms = torch.stack([n.to(device, torch.float32) for n in torch._foreach_norm(grads)])
+        cv = self.last_cv = norms.std() / norms.mean().clamp_min(_TINY)
+        log_cv = torch.log(cv.clamp_min(_TINY))
+        ref = self.median.reference(log_cv)
+        if ref is None:
+            return _false(device)
+        return torch.isfinite(log_cv) & (log_cv > ref + self._log_factor)
+
+    def observe(self, m: StepMeasurement, applied: bool, fired: bool) -> None:
+        self.median.observe(applied, fired)
+
+    def rebase(self) -> None:
+        """Forget the running median and warm up again."""
+        self.median.rebase()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.median.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.median.load_state_dict(state)
+
+    def __repr__(self) -> str:
+        return (f"LayerwiseCV(factor={self.factor}, window={self.median.window}, "
+                f"warmup={self.median.warmup}, patience={self.median.patience})")
+
+
+class GradientEntropy:
+    """SKIP a step whose gradient magnitudes collapse onto few orders of magnitude.
+
+    Measures the normalised Shannon entropy (in [0, 1], divided by ``log(bins)``) of a
+    ``bins``-bin histogram (``torch.histc``) of ``log10|g|`` over *all gradient elements*,
+    on the fixed range ``[lo, hi]`` decades; values outside (zeros included) are clamped into
+    the end bins, so the range is never data-dependent and nothing is read back to the host.
+    Elements rather than per-tensor norms: a handful of norms makes too coarse a histogram,
+    while the element distribution sees gradients going dead (mostly zero) or saturating.
+    Fires after ``warmup`` applied steps when the entropy is below the running median (last
+    ``window`` applied, not-fired steps) minus ``delta``. Re-bases after ``patience``
+    consecutive firings.
+
+    Cost: one float32 temporary the size of the gradient per step, and a histogram.
+
+    Defaults (``delta=0.15``): the largest drop of the entropy below its running median on
+    clean runs was 0.043 on the tiny model (20 seeds x 80 steps) and 0.012 on the ``cnn``
+    task (2 seeds x 250 steps); zeroing 90% of the gradient elements drops it by more than
+    0.2 on the tiny model.
+    """
+
+    name = "grad_entropy"
+    phase, verdict = "before", Verdict.SKIP
+
+    def __init__(self, delta: float = 0.15, bins: int = 64, lo: float = -20.0, hi: float = 5.0,
+                 window: int = 50, warmup: int = 10, patience: int | None = 20):
+        if not (math.isfinite(delta) and 0 < delta < 1):
+            raise ValueError(f"Invalid delta: {delta!r}; it must be in (0, 1).")
+        if bins < 2 or not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise ValueError(f"Invalid bins={bins!r} / lo={lo!r} / hi={hi!r}; need bins >= 2 "
+                             "and finite lo < hi.")
+        self.delta, self.bins, self.lo, self.hi = delta, bins, lo, hi
+        self.median = _RunningMedian(window, warmup, patience)
+        self.last_entropy: torch.Tensor | None = None
+
+    def entropy(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """Normalised entropy of the histogram of ``log10|g|`` (0-d float32 tensor)."""
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        x = torch.log10(flat.abs().clamp_min(10.0 ** self.lo)).clamp_(self.lo, self.hi)
+        hist = torch.histc(x, bins=self.bins, min=self.lo, max=self.hi)
+        p = hist / hist.sum().clamp_min(1.0)
+        return -torch.special.xlogy(p, p).sum() / math.log(self.bins)
+
+    def measure(self, m: StepMeasurement) -> torch.Tensor:
+        grads = _grads(m)
+        if not grads:
+            self.median.value = None
+            return _false(m.grad_norm.device)
+        h = self.last_entropy = self.entropy(grads)
+        ref = self.median.reference(h)
+        if ref is None:
+            return _false(h.device)
+        return torch.isfinite(h) & (h < ref - self.delta)
+
+    def observe(self, m: StepMeasurement, applied: bool, fired: bool) -> None:
+        self.median.observe(applied, fired)
+
+    def rebase(self) -> None:
+        """Forget the running median and warm up again."""
+        self.median.rebase()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.median.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.median.load_state_dict(state)
+
+    def __repr__(self) -> str:
+        return (f"GradientEntropy(delta={self.delta}, bins={self.bins}, lo={self.lo}, "
+                f"hi={self.hi}, window={self.median.window}, warmup={self.median.warmup}, "
+                f"patience={self.median.patience})")
