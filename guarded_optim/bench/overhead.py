@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from ..guard import GuardedOptimizer
 from .tasks import make_task
 
-__all__ = ["ARMS", "time_arm", "overhead"]
+__all__ = ["ARMS", "time_arm", "overhead", "signal_arms"]
 
 #: name -> how to wrap a fresh AdamW for the task; ``None`` is the bare optimizer.
 ARMS: dict[str, Callable | None] = {
@@ -49,20 +49,28 @@ def time_arm(task_name: str, wrap: Callable | None, steps: int, warmup: int = 5,
     return time.perf_counter() - start
 
 
-def overhead(task_name: str = "cnn", arms: tuple[str, ...] = tuple(ARMS), steps: int = 50,
-             repeats: int = 9, seed: int = 0, progress: Callable[[int], None] | None = None
-             ) -> dict[str, dict[str, float]]:
+def signal_arms(signals: dict[str, Callable[[], Any]]) -> dict[str, Callable]:
+    """One arm per signal: a probe-less guard that runs only that signal (its own cost)."""
+    return {name: (lambda task, inner, make=make: GuardedOptimizer(inner, signals=[make()]))
+            for name, make in signals.items()}
+
+
+def overhead(task_name: str = "cnn", arms: tuple[str, ...] | dict[str, Callable] = tuple(ARMS),
+             steps: int = 50, repeats: int = 9, seed: int = 0,
+             progress: Callable[[int], None] | None = None) -> dict[str, dict[str, float]]:
     """Median (and min/max) over ``repeats`` of each arm's time relative to ``bare``.
 
+    ``arms`` names entries of :data:`ARMS`, or maps names to ``wrap(task, inner)``.
     Returns ``{arm: {"ratio": median, "ratio_min":, "ratio_max":, "ms_per_step": median}}``.
     """
-    if "bare" not in arms:
-        arms = ("bare",) + tuple(arms)
+    table = dict(arms) if isinstance(arms, dict) else {a: ARMS[a] for a in arms}
+    table = {"bare": None, **table}
+    arms = tuple(table)
     times: dict[str, list[float]] = {a: [] for a in arms}
     ratios: dict[str, list[float]] = {a: [] for a in arms}
     for r in range(repeats):
         order = list(arms[r % len(arms):]) + list(arms[: r % len(arms)])
-        this = {a: time_arm(task_name, ARMS[a], steps, seed=seed) for a in order}
+        this = {a: time_arm(task_name, table[a], steps, seed=seed) for a in order}
         for a in arms:
             times[a].append(this[a])
             ratios[a].append(this[a] / this["bare"])
