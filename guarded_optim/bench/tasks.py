@@ -65,7 +65,11 @@ def make_task(name: str, seed: int = 0, probe_size: int = 16) -> Task:
 
 def train(task: Task, optimizer: torch.optim.Optimizer, steps: int = 250, faults=None,
           on_step: Callable[[int], None] | None = None) -> list[float]:
-    """Train ``steps`` steps with closures; return the probe loss after every step."""
+    """Train ``steps`` steps; return the probe loss after every step.
+
+    ``optimizer.step`` gets a closure returning the loss already computed (no second
+    forward), so loss-based signals see it; bare optimizers return it unchanged.
+    """
     curve = []
     for t, (x, y) in enumerate(task.batches(steps)):
         optimizer.zero_grad()
@@ -75,7 +79,7 @@ def train(task: Task, optimizer: torch.optim.Optimizer, steps: int = 250, faults
         loss.backward()
         if faults is not None:
             faults.before_step(t, optimizer)
-        optimizer.step()
+        optimizer.step(lambda loss=loss: loss)  # the loss, already computed, for loss signals
         if faults is not None:
             faults.after_step(t, optimizer)
         curve.append(task.probe_loss())
