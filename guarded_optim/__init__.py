@@ -7,7 +7,7 @@ and change nothing else.
 from .events import StepEvent
 from .guard import GuardedOptimizer
 from .innovation import FixedThreshold, RelativeThreshold, accepts, ewma, innovation
-from .policy import Decision, Escape, RecoveryAction, ReduceLR, arc_recovery
+from .policy import Decision, Escape, RecoveryAction, ReduceLR, TightenClip, arc_recovery
 from .signals import (GradientSpike, LossSpike, NonFinite, NonFiniteWeights,
                       OptimizerStateHealth, ProbeError, Verdict, WeightNorm, default_signals)
 from .snapshot import Snapshot, SnapshotRing
@@ -19,5 +19,5 @@ __all__ = [
     "FixedThreshold", "RelativeThreshold", "innovation", "ewma", "accepts",
     "GradientSpike", "NonFinite", "LossSpike", "NonFiniteWeights", "WeightNorm",
     "OptimizerStateHealth", "Verdict", "ProbeError", "default_signals",
-    "RecoveryAction", "ReduceLR", "Escape", "arc_recovery", "__version__",
+    "RecoveryAction", "ReduceLR", "TightenClip", "Escape", "arc_recovery", "__version__",
 ]

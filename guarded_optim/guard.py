@@ -325,6 +325,8 @@ class GuardedOptimizer(Optimizer):
 
         # 2. propose
         self._safe.wait()
+        for a in self.recovery:
+            a.before_propose(self, m.grad_norm)
         self._propose(_replay(loss, closure))
         self._unverified += 1
         if self.probe is None or self._unverified < self.probe_every:

@@ -7,7 +7,7 @@ import enum
 
 import torch
 
-__all__ = ["Decision", "RecoveryAction", "ReduceLR", "Escape", "arc_recovery"]
+__all__ = ["Decision", "RecoveryAction", "ReduceLR", "TightenClip", "Escape", "arc_recovery"]
 
 
 class Decision(str, enum.Enum):
@@ -47,6 +47,9 @@ class RecoveryAction:
 
     def lr_scale(self) -> float:
         return 1.0
+
+    def before_propose(self, guard, grad_norm: torch.Tensor) -> None:
+        """Runs just before ``inner.step()`` with the step's gradient norm (device tensor)."""
 
     def state_dict(self) -> dict:
         return {}
@@ -138,6 +141,54 @@ class Escape(RecoveryAction):
                 f"seed={self.seed})")
 
 
+class TightenClip(RecoveryAction):
+    """For ``duration`` applied steps after a rollback, clip the gradient norm to ``factor``
+    x its running reference (an EWMA, ``beta``, of the norms of applied steps).
+
+    The clip coefficient ``min(1, limit / norm)`` stays on the device (no host sync). Outside
+    the recovery window it only updates the reference: no clipping behind your back.
+    """
+
+    name = "tighten_clip"
+
+    def __init__(self, factor: float = 1.0, duration: int = 50, beta: float = 0.05):
+        if not factor > 0 or duration < 1 or not 0 < beta <= 1:
+            raise ValueError(f"Invalid factor={factor!r} / duration={duration!r} / beta={beta!r}; "
+                             "need factor > 0, duration >= 1, 0 < beta <= 1.")
+        self.factor, self.duration, self.beta = factor, duration, beta
+        self.reference: torch.Tensor | None = None
+        self.left = 0        # clipped steps left in the recovery window
+        self.clipped = 0
+
+    def on_rollback(self, guard, consecutive):
+        self.left = self.duration
+        return "tighten_clip"
+
+    def before_propose(self, guard, grad_norm):
+        norm = grad_norm.detach().float()
+        if self.reference is None:
+            self.reference = norm.clone()
+        if self.left > 0:
+            grads = [p.grad for g in guard.param_groups for p in g["params"] if p.grad is not None]
+            coef = (self.factor * self.reference / (norm + 1e-12)).clamp(max=1.0)
+            if grads:
+                torch._foreach_mul_(grads, coef.to(grads[0].device))
+            self.left -= 1
+            self.clipped += 1
+            norm = torch.minimum(norm, self.factor * self.reference)
+        self.reference = torch.lerp(self.reference, norm, self.beta)
+
+    def state_dict(self):
+        return {"reference": self.reference, "left": self.left, "clipped": self.clipped}
+
+    def load_state_dict(self, state):
+        self.reference, self.left = state["reference"], int(state["left"])
+        self.clipped = int(state["clipped"])
+
+    def __repr__(self):
+        return f"TightenClip(factor={self.factor}, duration={self.duration}, beta={self.beta})"
+
+
 def _noise(p: torch.Tensor, gen: torch.Generator, scale: float) -> torch.Tensor:
     """Gaussian noise shaped like ``p``, of ``scale`` x its spread (no host sync)."""
     x = p.detach().float()
@@ -146,5 +197,6 @@ def _noise(p: torch.Tensor, gen: torch.Generator, scale: float) -> torch.Tensor:
 
 
 def arc_recovery() -> list[RecoveryAction]:
-    """ARC's healing: LR reduction after a rollback, escape when rollbacks repeat."""
-    return [ReduceLR(), Escape()]
+    """ARC's healing: LR reduction and tighter clipping after a rollback, escape when
+    rollbacks repeat."""
+    return [ReduceLR(), TightenClip(), Escape()]

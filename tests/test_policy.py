@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import tiny
-from guarded_optim import Escape, GuardedOptimizer, ReduceLR, arc_recovery
+from guarded_optim import Escape, GuardedOptimizer, ReduceLR, TightenClip, arc_recovery
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -108,3 +108,23 @@ def test_recovery_state_round_trips(tmp_path):
 def test_reduce_lr_validates(kwargs):
     with pytest.raises(ValueError):
         ReduceLR(**kwargs)
+
+
+def test_tighten_clip_clips_only_inside_its_window():
+    m, opt, batches = guard([TightenClip(factor=0.5, duration=2)])
+    for b in batches[:5]:
+        step(m, opt, b)
+    action = opt.recovery[0]
+    assert action.clipped == 0                                 # no clipping before a rollback
+    assert step(m, opt, batches[5], spike=1e4) == "rollback"
+    reference = action.reference.clone()
+    x, y = batches[6]
+    opt.zero_grad()
+    F.mse_loss(m(x), y).backward()
+    raw = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in m.parameters()]))
+    opt.step()
+    clipped = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in m.parameters()]))
+    torch.testing.assert_close(clipped, torch.minimum(raw, 0.5 * reference))
+    step(m, opt, batches[7])
+    step(m, opt, batches[8])
+    assert action.clipped == 2 and action.left == 0            # the window has closed
