@@ -235,3 +235,42 @@ def test_measure_does_not_sync_on_cuda():
             assert f.device.type == "cuda" and f.dim() == 0 and f.dtype == torch.bool
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# -- gradient vanishing and the aggregate weight-health score -------------------------------
+def test_gradient_vanishing_is_opt_in_and_fires_on_a_collapsed_gradient():
+    from guarded_optim.faults import FaultSchedule, ScaleGradients
+    from guarded_optim.signals import GradientSpike, NonFinite
+    import test_signals as ts
+    _, batches = tiny.data(steps=40)
+    for low, expected in ((None, "accept"), (1e3, "skip")):
+        m, opt = ts.guarded(signals=[NonFinite(), GradientSpike(low_factor=low)])
+        ts.run(m, opt, batches[:20])
+        d = ts.run(m, opt, batches[20:21], FaultSchedule([ScaleGradients(20, 1, factor=1e-6)]), start=20)
+        assert d[0][0] == expected
+
+
+def test_gradient_vanishing_is_silent_on_clean_runs():
+    from guarded_optim.signals import GradientSpike, NonFinite
+    import test_signals as ts
+    for seed in range(20):
+        m, opt = ts.guarded(seed, signals=[NonFinite(), GradientSpike(low_factor=1e3)])
+        _, batches = tiny.data(seed, steps=80)
+        assert all(d == "accept" for d, _ in ts.run(m, opt, batches)), seed
+
+
+def test_weight_health_scores_and_fires_with_its_parts():
+    from guarded_optim.faults import FaultSchedule, make_fault
+    from guarded_optim.signals import WeightHealth
+    import test_signals as ts
+    _, batches = tiny.data(steps=40)
+    m, opt = ts.guarded(signals=[WeightHealth()])
+    ts.run(m, opt, batches[:30])
+    health = opt.signals[0]
+    assert float(health.score) == 1.0
+    d = ts.run(m, opt, batches[30:31], FaultSchedule([make_fault("sparsity_90", 30, 1)]), start=30)
+    assert d == [("rollback", "weight_health")]
+    assert float(health.score) == 0.75                  # one of four parts (sparsity) fired
+    sd = opt.state_dict()
+    assert set(sd["guard"]["signals"]["weight_health"]) == {
+        "nonfinite_weights", "weight_norm", "sparsity", "effective_rank"}

@@ -15,10 +15,10 @@ from .gradients import (GradientAgreement, GradientEntropy, GradientSpike, Layer
 from .loss import LossSpike, NonFinite
 from .probe import ProbeError, measure_probe
 from .weights import (EffectiveRank, NonFiniteWeights, OptimizerStateHealth, Sparsity,
-                      StepCounters, WeightNorm)
+                      StepCounters, WeightHealth, WeightNorm)
 
 __all__ = ["Signal", "PreStepSignal", "StepMeasurement", "Verdict", "GradientSpike",
-           "global_grad_norm", "global_norm", "NonFinite", "LossSpike", "NonFiniteWeights", "WeightNorm",
+           "global_grad_norm", "global_norm", "NonFinite", "LossSpike", "NonFiniteWeights", "WeightNorm", "WeightHealth",
            "OptimizerStateHealth", "ProbeError", "measure_probe", "default_signals",
            "GradientAgreement", "LayerwiseCV", "GradientEntropy", "Sparsity", "EffectiveRank",
            "StepCounters"]

@@ -35,13 +35,16 @@ global_grad_norm = global_norm
 
 
 class GradientSpike:
-    """SKIP a step whose gradient norm exceeds ``factor`` x the running median of applied ones.
+    """SKIP a step whose gradient norm exceeds ``factor`` x the running median of applied ones
+    (explosion), or, with ``low_factor``, falls below the median / ``low_factor`` (vanishing).
 
     The reference is the median of the log-norms of the last ``window`` *applied* steps, so
-    a skipped outlier never enters it. Non-finite norms are :class:`NonFinite`'s concern. The test starts after ``warmup`` applied steps. If
-    ``patience`` steps in a row are skipped by this signal, the norm has moved to a new
-    level for good: the reference is re-based on it (counted in ``rebaselines``) rather
-    than skipping forever. ``patience=None`` never re-bases.
+    a skipped outlier never enters it. Non-finite norms are :class:`NonFinite`'s concern.
+    The test starts after ``warmup`` applied steps. If ``patience`` steps in a row are
+    skipped by this signal, the norm has moved to a new level for good: the reference is
+    re-based on it (counted in ``rebaselines``) rather than skipping forever.
+    ``patience=None`` never re-bases. Vanishing is off by default (``low_factor=None``): a
+    tiny step does no harm, and weight signals see the dead network that causes one.
 
     Defaults: on clean runs of the bundled models the largest ratio of a gradient norm to
     the running median was below 2.5, while the paper's x300 fault gives about 300.
@@ -51,57 +54,50 @@ class GradientSpike:
     phase, verdict = "before", Verdict.SKIP
 
     def __init__(self, factor: float = 10.0, window: int = 50, warmup: int = 10,
-                 patience: int | None = 20):
+                 patience: int | None = 20, low_factor: float | None = None):
         if not (math.isfinite(factor) and factor > 1):
             raise ValueError(f"Invalid factor: {factor!r}; it must be a finite number > 1.")
-        if window < 1 or warmup < 1:
-            raise ValueError(f"Invalid window={window!r} / warmup={warmup!r}; both must be >= 1.")
-        if patience is not None and patience < 1:
-            raise ValueError(f"Invalid patience: {patience!r}; use an int >= 1 or None.")
-        self.factor, self.window, self.warmup, self.patience = factor, window, warmup, patience
+        if low_factor is not None and not (math.isfinite(low_factor) and low_factor > 1):
+            raise ValueError(f"Invalid low_factor: {low_factor!r}; use a number > 1, or None.")
+        self.factor, self.low_factor = factor, low_factor
         self._log_factor = math.log(factor)
-        self.buffer: torch.Tensor | None = None   # log-norms of applied steps (ring)
-        self.count = 0                            # applied steps observed
-        self.consecutive = 0                      # consecutive steps this signal skipped
-        self.rebaselines = 0
-        self._log_norm: torch.Tensor | None = None
+        self._log_low = None if low_factor is None else math.log(low_factor)
+        self._median = _RunningMedian(window, warmup, patience)
+
+    window = property(lambda self: self._median.window)
+    warmup = property(lambda self: self._median.warmup)
+    patience = property(lambda self: self._median.patience)
+    count = property(lambda self: self._median.count)
+    consecutive = property(lambda self: self._median.consecutive)
+    rebaselines = property(lambda self: self._median.rebaselines)
+    buffer = property(lambda self: self._median.buffer)   # log-norms of applied steps (ring)
 
     def measure(self, m: StepMeasurement) -> torch.Tensor:
         log_norm = torch.log(m.grad_norm.detach().float().clamp_min(_TINY))
-        self._log_norm = log_norm
-        if self.buffer is None or self.buffer.device != log_norm.device:
-            self.buffer = torch.zeros(self.window, device=log_norm.device)
-        if self.count < self.warmup:
-            return torch.zeros((), dtype=torch.bool, device=log_norm.device)
-        reference = self.buffer[: min(self.count, self.window)].median()
-        return torch.isfinite(log_norm) & (log_norm > reference + self._log_factor)
+        reference = self._median.reference(log_norm)
+        if reference is None:
+            return _false(log_norm.device)
+        fired = log_norm > reference + self._log_factor
+        if self._log_low is not None:
+            fired = fired | (log_norm < reference - self._log_low)
+        return torch.isfinite(log_norm) & fired
 
     def observe(self, m: StepMeasurement, applied: bool, fired: bool) -> None:
-        log_norm = self._log_norm
-        if applied:
-            self.buffer[self.count % self.window] = torch.nan_to_num(log_norm, posinf=0.0)
-            self.count += 1
-            self.consecutive = 0
-        elif fired:
-            self.consecutive += 1
-            if self.patience is not None and self.consecutive >= self.patience:
-                self.buffer.fill_(0.0).add_(log_norm)
-                self.count, self.consecutive = max(self.count, self.window), 0
-                self.rebaselines += 1
+        self._median.observe(applied, fired)
+
+    def rebase(self) -> None:
+        self._median.rebase()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"buffer": self.buffer, "count": self.count, "consecutive": self.consecutive,
-                "rebaselines": self.rebaselines}
+        return self._median.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        buf = state["buffer"]
-        self.buffer = None if buf is None else buf.detach().clone()
-        self.count, self.consecutive = int(state["count"]), int(state["consecutive"])
-        self.rebaselines = int(state["rebaselines"])
+        self._median.load_state_dict(state)
 
     def __repr__(self) -> str:
+        low = "" if self.low_factor is None else f", low_factor={self.low_factor}"
         return (f"GradientSpike(factor={self.factor}, window={self.window}, "
-                f"warmup={self.warmup}, patience={self.patience})")
+                f"warmup={self.warmup}, patience={self.patience}{low})")
 
 
 def _grads(m: StepMeasurement) -> list[torch.Tensor]:

@@ -374,3 +374,51 @@ class StepCounters:
 
     def __repr__(self) -> str:
         return "StepCounters()"
+
+
+class WeightHealth:
+    """An aggregate weight-health score: the share of its parts that find the weights healthy.
+
+    ``score`` (a device tensor in [0, 1], read it when you need it) is ``1 - mean(fired)``
+    over ``parts`` (by default :class:`NonFiniteWeights`, :class:`WeightNorm`,
+    :class:`Sparsity` and :class:`EffectiveRank`); FAILURE when it falls below
+    ``min_score``. With the default ``min_score=1.0`` it fires as soon as one part does, like
+    listing the parts as separate signals, but reports one number. Parts learn their
+    references only from steps the aggregate did not flag.
+    """
+
+    name = "weight_health"
+    phase, verdict = "after", Verdict.FAILURE
+
+    def __init__(self, parts: list | None = None, min_score: float = 1.0):
+        self.parts = list(parts) if parts is not None else [
+            NonFiniteWeights(), WeightNorm(), Sparsity(), EffectiveRank()]
+        if not self.parts or any(p.phase != "after" for p in self.parts):
+            raise ValueError("parts must be a non-empty list of phase='after' weight signals.")
+        if not 0.0 < min_score <= 1.0:
+            raise ValueError(f"Invalid min_score: {min_score!r}; it must lie in (0, 1].")
+        self.min_score = min_score
+        self.score: torch.Tensor | None = None
+
+    def measure(self, m: StepMeasurement) -> torch.Tensor:
+        fired = torch.stack([p.measure(m).reshape(()).to(m.grad_norm.device) for p in self.parts])
+        self.score = 1.0 - fired.float().mean()
+        return self.score < self.min_score - 1e-9
+
+    def observe(self, m, applied, fired) -> None:
+        for p in self.parts:
+            p.observe(m, applied, fired)
+
+    def rebase(self) -> None:
+        for p in self.parts:
+            getattr(p, "rebase", lambda: None)()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {p.name: p.state_dict() for p in self.parts}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for p in self.parts:
+            p.load_state_dict(state[p.name])
+
+    def __repr__(self) -> str:
+        return f"WeightHealth(parts={self.parts!r}, min_score={self.min_score})"
