@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import torch
 
-__all__ = ["Verdict", "StepMeasurement", "Signal", "PreStepSignal"]
+__all__ = ["Verdict", "StepMeasurement", "Signal", "PreStepSignal", "Stateless"]
 
 
 class Verdict(enum.IntEnum):
@@ -83,3 +83,16 @@ class Signal(Protocol):
 
 
 PreStepSignal = Signal  # the name used before post-step signals existed
+
+
+class Stateless:
+    """For signals with no state of their own: nothing to observe, save or load."""
+
+    def observe(self, m: StepMeasurement, applied: bool, fired: bool) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

@@ -34,72 +34,6 @@ def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 global_grad_norm = global_norm
 
 
-class GradientSpike:
-    """SKIP a step whose gradient norm exceeds ``factor`` x the running median of applied ones
-    (explosion), or, with ``low_factor``, falls below the median / ``low_factor`` (vanishing).
-
-    The reference is the median of the log-norms of the last ``window`` *applied* steps, so
-    a skipped outlier never enters it. Non-finite norms are :class:`NonFinite`'s concern.
-    The test starts after ``warmup`` applied steps. If ``patience`` steps in a row are
-    skipped by this signal, the norm has moved to a new level for good: the reference is
-    re-based on it (counted in ``rebaselines``) rather than skipping forever.
-    ``patience=None`` never re-bases. Vanishing is off by default (``low_factor=None``): a
-    tiny step does no harm, and weight signals see the dead network that causes one.
-
-    Defaults: on clean runs of the bundled models the largest ratio of a gradient norm to
-    the running median was below 2.5, while the paper's x300 fault gives about 300.
-    """
-
-    name = "grad_spike"
-    phase, verdict = "before", Verdict.SKIP
-
-    def __init__(self, factor: float = 10.0, window: int = 50, warmup: int = 10,
-                 patience: int | None = 20, low_factor: float | None = None):
-        if not (math.isfinite(factor) and factor > 1):
-            raise ValueError(f"Invalid factor: {factor!r}; it must be a finite number > 1.")
-        if low_factor is not None and not (math.isfinite(low_factor) and low_factor > 1):
-            raise ValueError(f"Invalid low_factor: {low_factor!r}; use a number > 1, or None.")
-        self.factor, self.low_factor = factor, low_factor
-        self._log_factor = math.log(factor)
-        self._log_low = None if low_factor is None else math.log(low_factor)
-        self._median = _RunningMedian(window, warmup, patience)
-
-    window = property(lambda self: self._median.window)
-    warmup = property(lambda self: self._median.warmup)
-    patience = property(lambda self: self._median.patience)
-    count = property(lambda self: self._median.count)
-    consecutive = property(lambda self: self._median.consecutive)
-    rebaselines = property(lambda self: self._median.rebaselines)
-    buffer = property(lambda self: self._median.buffer)   # log-norms of applied steps (ring)
-
-    def measure(self, m: StepMeasurement) -> torch.Tensor:
-        log_norm = torch.log(m.grad_norm.detach().float().clamp_min(_TINY))
-        reference = self._median.reference(log_norm)
-        if reference is None:
-            return _false(log_norm.device)
-        fired = log_norm > reference + self._log_factor
-        if self._log_low is not None:
-            fired = fired | (log_norm < reference - self._log_low)
-        return torch.isfinite(log_norm) & fired
-
-    def observe(self, m: StepMeasurement, applied: bool, fired: bool) -> None:
-        self._median.observe(applied, fired)
-
-    def rebase(self) -> None:
-        self._median.rebase()
-
-    def state_dict(self) -> dict[str, Any]:
-        return self._median.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._median.load_state_dict(state)
-
-    def __repr__(self) -> str:
-        low = "" if self.low_factor is None else f", low_factor={self.low_factor}"
-        return (f"GradientSpike(factor={self.factor}, window={self.window}, "
-                f"warmup={self.warmup}, patience={self.patience}{low})")
-
-
 def _grads(m: StepMeasurement) -> list[torch.Tensor]:
     return [p.grad.detach() for p in m.params if p.grad is not None]
 
@@ -163,6 +97,79 @@ class _RunningMedian:
         self.buffer = None if buf is None else buf.detach().clone()
         self.count, self.consecutive = int(state["count"]), int(state["consecutive"])
         self.rebaselines = int(state["rebaselines"])
+
+
+class _MedianReferenced:
+    """State handling shared by signals referenced to a :class:`_RunningMedian` (``self.median``)."""
+
+    median: _RunningMedian
+
+    def observe(self, m: StepMeasurement, applied: bool, fired: bool) -> None:
+        self.median.observe(applied, fired)
+
+    def rebase(self) -> None:
+        """Forget the running median and warm up again."""
+        self.median.rebase()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.median.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.median.load_state_dict(state)
+
+
+class GradientSpike(_MedianReferenced):
+    """SKIP a step whose gradient norm exceeds ``factor`` x the running median of applied ones
+    (explosion), or, with ``low_factor``, falls below the median / ``low_factor`` (vanishing).
+
+    The reference is the median of the log-norms of the last ``window`` *applied* steps, so
+    a skipped outlier never enters it. Non-finite norms are :class:`NonFinite`'s concern.
+    The test starts after ``warmup`` applied steps. If ``patience`` steps in a row are
+    skipped by this signal, the norm has moved to a new level for good: the reference is
+    re-based on it (counted in ``rebaselines``) rather than skipping forever.
+    ``patience=None`` never re-bases. Vanishing is off by default (``low_factor=None``): a
+    tiny step does no harm, and weight signals see the dead network that causes one.
+
+    Defaults: on clean runs of the bundled models the largest ratio of a gradient norm to
+    the running median was below 2.5, while the paper's x300 fault gives about 300.
+    """
+
+    name = "grad_spike"
+    phase, verdict = "before", Verdict.SKIP
+
+    def __init__(self, factor: float = 10.0, window: int = 50, warmup: int = 10,
+                 patience: int | None = 20, low_factor: float | None = None):
+        if not (math.isfinite(factor) and factor > 1):
+            raise ValueError(f"Invalid factor: {factor!r}; it must be a finite number > 1.")
+        if low_factor is not None and not (math.isfinite(low_factor) and low_factor > 1):
+            raise ValueError(f"Invalid low_factor: {low_factor!r}; use a number > 1, or None.")
+        self.factor, self.low_factor = factor, low_factor
+        self._log_factor = math.log(factor)
+        self._log_low = None if low_factor is None else math.log(low_factor)
+        self.median = _RunningMedian(window, warmup, patience)
+
+    window = property(lambda self: self.median.window)
+    warmup = property(lambda self: self.median.warmup)
+    patience = property(lambda self: self.median.patience)
+    count = property(lambda self: self.median.count)
+    consecutive = property(lambda self: self.median.consecutive)
+    rebaselines = property(lambda self: self.median.rebaselines)
+    buffer = property(lambda self: self.median.buffer)   # log-norms of applied steps (ring)
+
+    def measure(self, m: StepMeasurement) -> torch.Tensor:
+        log_norm = torch.log(m.grad_norm.detach().float().clamp_min(_TINY))
+        reference = self.median.reference(log_norm)
+        if reference is None:
+            return _false(log_norm.device)
+        fired = log_norm > reference + self._log_factor
+        if self._log_low is not None:
+            fired = fired | (log_norm < reference - self._log_low)
+        return torch.isfinite(log_norm) & fired
+
+    def __repr__(self) -> str:
+        low = "" if self.low_factor is None else f", low_factor={self.low_factor}"
+        return (f"GradientSpike(factor={self.factor}, window={self.window}, "
+                f"warmup={self.warmup}, patience={self.patience}{low})")
 
 
 class GradientAgreement:
@@ -254,7 +261,7 @@ class GradientAgreement:
                 f"patience={self.patience})")
 
 
-class LayerwiseCV:
+class LayerwiseCV(_MedianReferenced):
     """SKIP a step whose per-tensor gradient norms are far more uneven than usual.
 
     Measures the coefficient of variation (std / mean) of the per-tensor gradient norms
@@ -298,25 +305,12 @@ class LayerwiseCV:
             return _false(device)
         return torch.isfinite(log_cv) & (log_cv > ref + self._log_factor)
 
-    def observe(self, m: StepMeasurement, applied: bool, fired: bool) -> None:
-        self.median.observe(applied, fired)
-
-    def rebase(self) -> None:
-        """Forget the running median and warm up again."""
-        self.median.rebase()
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.median.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.median.load_state_dict(state)
-
     def __repr__(self) -> str:
         return (f"LayerwiseCV(factor={self.factor}, window={self.median.window}, "
                 f"warmup={self.median.warmup}, patience={self.median.patience})")
 
 
-class GradientEntropy:
+class GradientEntropy(_MedianReferenced):
     """SKIP a step whose gradient magnitudes collapse onto few orders of magnitude.
 
     Measures the normalised Shannon entropy (in [0, 1], divided by ``log(bins)``) of a
@@ -370,19 +364,6 @@ class GradientEntropy:
         if ref is None:
             return _false(h.device)
         return torch.isfinite(h) & (h < ref - self.delta)
-
-    def observe(self, m: StepMeasurement, applied: bool, fired: bool) -> None:
-        self.median.observe(applied, fired)
-
-    def rebase(self) -> None:
-        """Forget the running median and warm up again."""
-        self.median.rebase()
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.median.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.median.load_state_dict(state)
 
     def __repr__(self) -> str:
         return (f"GradientEntropy(delta={self.delta}, bins={self.bins}, lo={self.lo}, "

@@ -7,12 +7,12 @@ from typing import Any
 
 import torch
 
-from .base import StepMeasurement, Verdict
+from .base import Stateless, StepMeasurement, Verdict
 
 __all__ = ["NonFinite", "LossSpike"]
 
 
-class NonFinite:
+class NonFinite(Stateless):
     """SKIP when the training loss or any gradient is NaN or Inf.
 
     Any non-finite gradient element makes the global norm non-finite (and so does a norm
@@ -27,15 +27,6 @@ class NonFinite:
         if isinstance(m.loss, torch.Tensor):
             bad = bad | ~torch.isfinite(m.loss.detach()).all().to(bad.device)
         return bad
-
-    def observe(self, m: StepMeasurement, applied: bool, fired: bool) -> None:
-        pass
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
     def __repr__(self) -> str:
         return "NonFinite()"

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .base import StepMeasurement, Verdict
+from .base import Stateless, StepMeasurement, Verdict
 from .gradients import global_norm
 
 __all__ = ["NonFiniteWeights", "WeightNorm", "OptimizerStateHealth", "Sparsity", "EffectiveRank",
@@ -23,7 +23,7 @@ def _false(device) -> torch.Tensor:
     return torch.zeros((), dtype=torch.bool, device=device)
 
 
-class NonFiniteWeights:
+class NonFiniteWeights(Stateless):
     """FAILURE when any parameter holds NaN or Inf after the proposal. Stateless."""
 
     name = "nonfinite_weights"
@@ -31,15 +31,6 @@ class NonFiniteWeights:
 
     def measure(self, m: StepMeasurement) -> torch.Tensor:
         return ~torch.isfinite(m.param_norm)
-
-    def observe(self, m, applied, fired) -> None:
-        pass
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
     def __repr__(self) -> str:
         return "NonFiniteWeights()"
