@@ -348,25 +348,24 @@ class GuardedOptimizer(Optimizer):
         parts += [f.to(device, torch.float64).reshape(1) for f in post_flags]
         values = torch.cat(parts).tolist()
         y, post_fired = values[0], [bool(v) for v in values[1:]]
-        self._observe(pre, m, True, fired)
-        self._observe(post, after, True, post_fired)
         self.stats["measured"] += 1
         nu, eps = innovation(y, self.yhat), self.threshold(self.yhat)
         event.y, event.yhat, event.innovation, event.threshold = y, self.yhat, nu, eps
-        damaged = [s.name for s, f in zip(post, post_fired) if f]
-        if damaged:
-            return self._fail(damaged, y, event)
 
-        # 4. decide
-        if accepts(nu, eps):
-            self.yhat = ewma(self.yhat, y, self.alpha)
-            self.threshold.update(nu)
-            self._consecutive = 0
-            self._verify()
-            self._healthy()
-            self.stats["accepted"] += 1
-            return self._finish(Decision.ACCEPT, event)
-        return self._fail(["probe"], y, event)
+        # 4. decide; references learn only from the proposals that are kept
+        reasons = [s.name for s, f in zip(post, post_fired) if f]
+        reasons += [] if accepts(nu, eps) else ["probe"]
+        self._observe(pre, m, not reasons, fired)
+        self._observe(post, after, not reasons, post_fired)
+        if reasons:
+            return self._fail(reasons, y, event)
+        self.yhat = ewma(self.yhat, y, self.alpha)   # accepted: Algorithm 1, lines 9-12
+        self.threshold.update(nu)
+        self._consecutive = 0
+        self._verify()
+        self._healthy()
+        self.stats["accepted"] += 1
+        return self._finish(Decision.ACCEPT, event)
 
     def _propose(self, closure: Callable | None) -> None:
         """``inner.step()``, with the recovery actions' LR scale applied around it only."""

