@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import test_signals
 import tiny
 from guarded_optim import GuardedOptimizer
 from guarded_optim.faults import Fault, FaultSchedule, make_fault
@@ -23,25 +24,10 @@ def extra_signals(rank_every=10):
 
 
 def guarded(seed=0, signals=None):
-    m = tiny.model(seed)
-    opt = GuardedOptimizer(torch.optim.AdamW(m.parameters(), lr=1e-2),
-                           signals=extra_signals() if signals is None else signals)
-    return m, opt
+    return test_signals.guarded(seed, extra_signals() if signals is None else signals)
 
 
-def run(m, opt, batches, faults=None, start=0):
-    out = []
-    for t, (x, y) in enumerate(batches, start):
-        opt.zero_grad()
-        loss = F.mse_loss(m(x), y)
-        loss.backward()
-        if faults is not None:
-            faults.before_step(t, opt)
-        opt.step(lambda loss=loss: loss)
-        if faults is not None:
-            faults.after_step(t, opt)
-        out.append((opt.last_decision, opt.last_event.reason))
-    return out
+run = test_signals.run
 
 
 def _grads(optimizer):
