@@ -36,6 +36,11 @@ def _params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p for g in optimizer.param_groups for p in g["params"]]
 
 
+def _matrices(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The non-empty 2-D parameters (Linear weights, embeddings): what matrix faults touch."""
+    return [p for p in _params(optimizer) if p.dim() == 2 and p.numel() > 0]
+
+
 def _gen(seed: int, t: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed + t)
 
@@ -305,9 +310,7 @@ class SparsityInjection(Fault):
     def before_step(self, t, optimizer):
         if not self.active(t):
             return
-        for p in _params(optimizer):
-            if p.dim() != 2 or p.numel() == 0:
-                continue
+        for p in _matrices(optimizer):
             k = min(p.numel(), math.ceil(self.fraction * p.numel() - 1e-9))
             if k <= 0:
                 continue
@@ -331,9 +334,7 @@ class RankCollapse(Fault):
     def before_step(self, t, optimizer):
         if not self.active(t):
             return
-        for p in _params(optimizer):
-            if p.dim() != 2 or p.numel() == 0:
-                continue
+        for p in _matrices(optimizer):
             w = p.detach().double()
             u, s, vh = torch.linalg.svd(w, full_matrices=False)
             r = min(self.rank, s.numel())

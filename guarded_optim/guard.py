@@ -33,7 +33,7 @@ from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimize
 
 from .events import StepEvent
 from .innovation import FixedThreshold, RelativeThreshold, Threshold, accepts, ewma, innovation
-from .policy import Decision, Escape, RecoveryAction
+from .policy import Decision, RecoveryAction
 from .signals import StepMeasurement, Verdict, default_signals, global_grad_norm
 from .signals.probe import ProbeError, call_probe, check_initial, measure_probe
 from .snapshot import Snapshot, SnapshotRing, capture_rng, restore_rng
