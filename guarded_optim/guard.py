@@ -31,6 +31,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
+from .distributed import AUTO, agree, agree_mean, check_world_size, resolve_group, world_size
 from .events import StepEvent
 from .innovation import FixedThreshold, RelativeThreshold, Threshold, accepts, ewma, innovation
 from .policy import Decision, RecoveryAction
@@ -41,6 +42,26 @@ from .snapshot import Snapshot, SnapshotRing, capture_rng, restore_rng
 __all__ = ["GuardedOptimizer"]
 
 _STATE_VERSION = 1
+
+
+def amp_unscale(grads: list[torch.Tensor], grad_scale: torch.Tensor) -> torch.Tensor:
+    """Divide ``grads`` by ``grad_scale`` in place; return ``found_inf`` (1.0 if any is non-finite).
+
+    The kernel and the reciprocal are GradScaler's own (``unscale_``), so the result is bit
+    for bit what ``scaler.unscale_`` gives. No host sync.
+    """
+    found_inf = torch.zeros((), dtype=torch.float32, device=grad_scale.device)
+    inv_scale = grad_scale.double().reciprocal().float()
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for g in grads:
+        groups.setdefault((g.device, g.dtype), []).append(g._values() if g.is_sparse else g)
+    with torch.no_grad():
+        for (device, _), group in groups.items():
+            local = found_inf.to(device) if device != found_inf.device else found_inf
+            torch._amp_foreach_non_finite_check_and_unscale_(group, local, inv_scale.to(device))
+            if local is not found_inf:
+                found_inf += local.to(found_inf.device)
+    return found_inf
 
 
 def _replay(loss: Any, closure: Callable | None) -> Callable | None:
@@ -91,12 +112,23 @@ class GuardedOptimizer(Optimizer):
         recovery: healing actions run after rollbacks (:mod:`.policy`: ``ReduceLR``,
             ``Escape``, or ``arc_recovery()``). Default: none, so the guard never changes
             the optimisation itself; every action it takes is reported in the events.
+        process_group: the ranks that must take the same decision (:mod:`.distributed`):
+            ``"auto"`` (default) reduces over the default group when one is initialised;
+            a ``ProcessGroup`` reduces over it; ``None``/``False`` decides rank-locally.
+
+    AMP: ``scaler.step(guard)`` hands the guard ``grad_scale``/``found_inf`` (the guard sets
+    ``_step_supports_amp_scaling``), so the scaler adds no host sync of its own. The guard
+    unscales the gradients once (unless ``scaler.unscale_`` already did), reads ``found_inf``
+    with its other flags, and counts an overflow as a SKIP with reason ``"amp_overflow"``
+    (``stats["skipped_amp_overflow"]``); nothing is applied, and ``scaler.update()`` backs
+    off as usual.
 
     ``opt.last_decision`` is ``"accept"``, ``"rollback"`` or ``"skip"``; ``opt.stats`` counts
     them (plain ints). Step post-hooks fire only for accepted steps.
     """
 
     _initialising = False
+    _step_supports_amp_scaling = True  # GradScaler passes grad_scale/found_inf, no sync
 
     def __init__(
         self,
@@ -115,6 +147,7 @@ class GuardedOptimizer(Optimizer):
         snapshot: str = "auto",
         callbacks: Iterable[Callable[[StepEvent], None]] = (),
         recovery: Iterable[RecoveryAction] = (),
+        process_group: Any = AUTO,
     ):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got "
@@ -141,6 +174,8 @@ class GuardedOptimizer(Optimizer):
         if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
             raise ValueError(f"Invalid checkpoint_every: {checkpoint_every!r}; it must be an int >= 1.")
 
+        resolve_group(process_group)  # validates; resolved again at every use ("auto")
+        self.process_group = process_group
         self.inner = optimizer
         self._initialising = True
         try:  # sets defaults and hook dicts; param_groups/state stay the inner optimizer's
@@ -216,7 +251,7 @@ class GuardedOptimizer(Optimizer):
         self._in_row = 0                   # rollbacks since the last healthy applied step
         self.stats: dict[str, int] = {
             "steps": 0, "accepted": 0, "rollbacks": 0, "skipped": 0, "measured": 0,
-            "escalations": 0, "rebaselines": 0, "escapes": 0,
+            "escalations": 0, "rebaselines": 0, "escapes": 0, "skipped_amp_overflow": 0,
             **{f"skipped_{s.name}": 0 for s in self.signals if s.verdict is Verdict.SKIP},
             **{f"failures_{s.name}": 0 for s in self.signals if s.verdict is Verdict.FAILURE},
         }
@@ -294,13 +329,18 @@ class GuardedOptimizer(Optimizer):
         # 1. measure before proposing (and, while proposals are unverified, the live state's
         #    health with the post-step signals): one host transfer for every flag
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        overflow = self._amp_unscale(grads)   # GradScaler's found_inf (None without AMP)
         m = StepMeasurement(t, global_grad_norm(grads),
                             loss if isinstance(loss, torch.Tensor) else None, self.inner)
         device = m.grad_norm.device
         checked = post if self._unverified else []   # unverified proposals: check theta_t now
         parts = [s.measure(m).to(device, torch.float32).reshape(1) for s in pre + checked]
         parts.insert(len(pre), m.grad_norm.detach().float().reshape(1))
-        values = torch.cat(parts).tolist()
+        if overflow is not None:
+            parts.append(overflow.to(device, torch.float32).reshape(1))
+        group = resolve_group(self.process_group)
+        values = agree(torch.cat(parts), [len(pre)], group).tolist()  # every rank alike
+        overflowed = overflow is not None and bool(values.pop())
         fired, state_fired = ([bool(v) for v in values[: len(pre)]],
                               [bool(v) for v in values[len(pre) + 1:]])
         event = StepEvent(t, Decision.SKIP.value, grad_norm=values[len(pre)],
@@ -314,6 +354,11 @@ class GuardedOptimizer(Optimizer):
         self._observe(checked, m, True, state_fired)
         if self._needs_verification_capture():
             self._verify()        # no probe: the flags just read verified the live state
+        if overflowed:            # GradScaler's inf/NaN: its own skip; signals learn nothing
+            self.stats["skipped_amp_overflow"] += 1
+            self.stats["skipped"] += 1
+            event.reason = "amp_overflow"
+            return self._finish(Decision.SKIP, event)
         names = [s.name for s, f in zip(pre, fired) if f]
         if names:
             self._observe(pre, m, False, fired)
@@ -346,7 +391,7 @@ class GuardedOptimizer(Optimizer):
             raise
         parts = [torch.as_tensor(raw).detach().to(device, torch.float64).reshape(1)]
         parts += [f.to(device, torch.float64).reshape(1) for f in post_flags]
-        values = torch.cat(parts).tolist()
+        values = agree(torch.cat(parts), [0], group).tolist()  # probe mean, flags any-rank
         y, post_fired = values[0], [bool(v) for v in values[1:]]
         self.stats["measured"] += 1
         nu, eps = innovation(y, self.yhat), self.threshold(self.yhat)
@@ -420,10 +465,26 @@ class GuardedOptimizer(Optimizer):
     def _measure_reference(self) -> None:
         """Algorithm 1, lines 2-3: ``yhat_0 = y(theta_0)`` (with a probe); theta_safe <- theta_0."""
         if self.probe is not None:
-            self.y0 = self.yhat = check_initial(measure_probe(self.probe, self.module))
+            self.y0 = self.yhat = check_initial(self._measure_probe())
         if not (self._safe.captured and self._safe.matches_live_params()):
             self._safe.capture(self._t)
         self._safe.meta["yhat"] = self.yhat
+
+    def _measure_probe(self) -> float:
+        """One probe measurement outside the step's transfer, averaged over the ranks."""
+        return agree_mean(measure_probe(self.probe, self.module), resolve_group(self.process_group))
+
+    def _amp_unscale(self, grads: list[torch.Tensor]) -> torch.Tensor | None:
+        """GradScaler's ``found_inf`` for this step (``None`` outside ``scaler.step``).
+
+        With ``grad_scale`` set (the scaler's ``unscale_`` was not called), divide the
+        gradients by it here, once, in place, exactly as ``unscale_`` would.
+        """
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if grad_scale is not None:
+            found = amp_unscale(grads, grad_scale)
+            found_inf = found if found_inf is None else found_inf.to(found.device) + found
+        return found_inf
 
     @staticmethod
     def _observe(signals, m: StepMeasurement, applied: bool, fired: list[bool]) -> None:
@@ -454,7 +515,7 @@ class GuardedOptimizer(Optimizer):
             else:                      # nowhere older to go: accept the new level of y
                 self._safe.restore()
                 if not math.isfinite(y):
-                    y = measure_probe(self.probe, self.module)
+                    y = self._measure_probe()
                     if not math.isfinite(y):
                         raise ProbeError(
                             f"probe returned {y} even at the last accepted state, where it was "
@@ -490,6 +551,7 @@ class GuardedOptimizer(Optimizer):
             "rng": capture_rng(),
             "safe": self._safe.state_dict() if self._safe.captured else None,
             "ring": self._ring.state_dict(),
+            "world_size": world_size(resolve_group(self.process_group)),
         }
         sd = {"inner": self.inner.state_dict(), "guard": guard}
         for hook in self._optimizer_state_dict_post_hooks.values():
@@ -533,6 +595,8 @@ class GuardedOptimizer(Optimizer):
             raise ValueError(f"state_dict guard version {guard.get('version')!r} is not "
                              f"{_STATE_VERSION}; it was saved by another guarded_optim release.")
         shapes = [list(p.shape) for g in self.param_groups for p in g["params"]]
+        check_world_size(guard.get("world_size"), world_size(resolve_group(self.process_group)),
+                         [p for g in self.param_groups for p in g["params"]])
         try:
             if [list(s) for s in guard["shapes"]] != shapes:
                 raise ValueError(

@@ -556,24 +556,94 @@ def test_grad_scaler_cpu_unscale_clip_step_matches_bare():
     assert_same_model(mg, mb)
 
 
-def test_grad_scaler_inf_step_never_reaches_the_guard():
+def _amp_inf_run(guarded: bool, inner_fn=None, steps: int = 6, inf_at=(2,)):
+    """GradScaler steps with an inf written into the scaled grads at ``inf_at``."""
     m = make_model()
-    opt = make_guard(m, torch.optim.Adam(m.parameters(), lr=0.01))
+    inner = (inner_fn or (lambda ps: torch.optim.Adam(ps, lr=0.01)))(m.parameters())
+    opt = make_guard(m, inner) if guarded else inner
     scaler = torch.amp.GradScaler("cpu")
-    for i, b in enumerate(BATCHES[:4]):
+    decisions, unchanged, scales = [], [], []
+    for i, b in enumerate(BATCHES[:steps]):
         opt.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = batch_loss(m, b)
         scaler.scale(loss).backward()
-        if i == 2:
+        if i in inf_at:
             m[0].weight.grad[0, 0] = float("inf")
-            before = full_state(m, opt)
+        before = full_state(m, opt)
         scaler.step(opt)
         scaler.update()
-        if i == 2:
-            assert_bit_equal(before, full_state(m, opt), ignore=())
-    assert opt.stats["steps"] == 3  # the scaler skipped opt.step() itself
-    assert scaler.get_scale() == 2.0 ** 15  # backed off once
+        scales.append(scaler.get_scale())
+        if i in inf_at:
+            unchanged.append(_states_equal(before, full_state(m, opt)))
+        if guarded:
+            decisions.append(opt.last_decision)
+    return m, opt, decisions, unchanged, scales
+
+
+def _states_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(_bit_equal(a[k], b[k]) for k in a)
+
+
+def test_grad_scaler_overflow_is_counted_as_a_skip_not_a_rollback():
+    m, opt, decisions, unchanged, scales = _amp_inf_run(True, inf_at=(2, 4))
+    assert decisions == ["accept", "accept", "skip", "accept", "skip", "accept"]
+    assert unchanged == [True, True]   # nothing applied, nothing restored (RNG included)
+    assert opt.stats["steps"] == 6 and opt.stats["accepted"] == 4
+    assert opt.stats["skipped"] == opt.stats["skipped_amp_overflow"] == 2
+    assert opt.stats["rollbacks"] == 0 and opt.stats["measured"] == 4
+    assert opt.stats["skipped_nonfinite"] == 0  # the scaler's skip, not the signal's
+    assert scales == [2.0 ** 16] * 2 + [2.0 ** 15] * 2 + [2.0 ** 14] * 2  # scaler backed off
+
+
+def test_grad_scaler_overflow_run_matches_bare_scaler_run():
+    mg, opt, _, _, scales_g = _amp_inf_run(True, inf_at=(2,))
+    mb, bare, _, _, scales_b = _amp_inf_run(False, inf_at=(2,))
+    assert scales_g == scales_b
+    assert_bit_equal(full_state(mb, bare), full_state(mg, opt))
+
+
+def test_grad_scaler_state_is_clean_after_the_guarded_step():
+    """GradScaler's attributes are the scaler's business: they are gone after its step."""
+    m, opt, _, _, _ = _amp_inf_run(True, steps=3, inf_at=(2,))
+    assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+    assert GuardedOptimizer._step_supports_amp_scaling
+
+
+def test_guard_step_without_scaler_is_untouched_by_amp_support():
+    m = make_model()
+    opt = make_guard(m, torch.optim.Adam(m.parameters(), lr=0.01))
+    train_step(m, opt, BATCHES[0])
+    assert opt.last_decision == "accept" and opt.stats["skipped_amp_overflow"] == 0
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_grad_scaler_with_fused_or_foreach_inner_matches_bare(fused):
+    """A fused inner AdamW (its own sync-free AMP path when bare) gives the same run guarded."""
+    if fused and not torch.optim.AdamW([torch.zeros(1, requires_grad=True)], fused=True).defaults["fused"]:
+        pytest.skip("fused AdamW is not available on this build's CPU")
+    inner_fn = lambda ps: torch.optim.AdamW(ps, lr=0.01, fused=fused or None,  # noqa: E731
+                                            foreach=None if fused else True)
+    mg, opt, decisions, _, scales_g = _amp_inf_run(True, inner_fn, inf_at=(3,))
+    mb, bare, _, _, scales_b = _amp_inf_run(False, inner_fn, inf_at=(3,))
+    assert decisions.count("skip") == opt.stats["skipped_amp_overflow"] == 1
+    assert scales_g == scales_b
+    assert_bit_equal(full_state(mb, bare), full_state(mg, opt))
+
+
+def test_amp_unscale_matches_grad_scaler_unscale_bit_for_bit():
+    from guarded_optim.guard import amp_unscale
+    g = torch.Generator().manual_seed(3)
+    grads = [torch.randn(5, 3, generator=g) * 65536, torch.randn(7, generator=g).bfloat16() * 65536]
+    ref = [x.clone() for x in grads]
+    scale = torch.full((), 65536.0)
+    found = amp_unscale(grads, scale)
+    ref_found = torch.zeros(())
+    for x in ref:  # GradScaler.unscale_ groups per dtype; this is one group each
+        torch._amp_foreach_non_finite_check_and_unscale_([x], ref_found, scale.double().reciprocal().float())
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref)) and found.item() == 0.0
+    grads[1][2] = float("nan")
+    assert amp_unscale(grads, scale).item() == 1.0
 
 
 # =============================================================================================
