@@ -441,7 +441,7 @@ class GuardedOptimizer(Optimizer):
         self._unverified = 0
         self._safe.capture(self._t, yhat=self.yhat)
         self._since_push += 1
-        if self._since_push >= self.checkpoint_every:
+        if self._since_push >= self.checkpoint_every or any(a.wants_checkpoint(self) for a in self.recovery):
             self._ring.push(self._safe)
             self._since_push = 0
 
@@ -452,6 +452,8 @@ class GuardedOptimizer(Optimizer):
             if name != "probe":
                 self.stats[f"failures_{name}"] += 1
         event.reason = ",".join(reasons)
+        for a in self.recovery:   # e.g. an importance blend reads the rejected values
+            a.before_rollback(self)
         actions = [self._rollback(y)]
         self._in_row += 1
         for a in self.recovery:

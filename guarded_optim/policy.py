@@ -51,6 +51,14 @@ class RecoveryAction:
     def before_propose(self, guard, grad_norm: torch.Tensor) -> None:
         """Runs just before ``inner.step()`` with the step's gradient norm (device tensor)."""
 
+    def before_rollback(self, guard) -> None:
+        """Runs just before the guard restores its snapshot: the rejected state is still live."""
+
+    def wants_checkpoint(self, guard) -> bool:
+        """Asked when the guard verifies the live state: ``True`` pushes it into the history
+        ring now (a preventive verified snapshot), besides every ``checkpoint_every``."""
+        return False
+
     def state_dict(self) -> dict:
         return {}
 
