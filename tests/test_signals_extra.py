@@ -260,3 +260,19 @@ def test_weight_health_scores_and_fires_with_its_parts():
     sd = opt.state_dict()
     assert set(sd["guard"]["signals"]["weight_health"]) == {
         "nonfinite_weights", "weight_norm", "sparsity", "effective_rank"}
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e38])
+def test_effective_rank_of_damaged_weights_is_measured_not_raised(bad):
+    """Non-finite weights count as rank 0 (the check fires, never raises); huge but finite
+    weights keep their rank (the rank is scale-invariant)."""
+    w = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
+    before = EffectiveRank.relative_rank([w])
+    damaged = w.clone()
+    damaged[2, 3] = bad
+    rank = EffectiveRank.relative_rank([damaged])
+    if bad == 1e38:
+        assert 0 < rank < before          # one huge entry: close to rank 1, finite
+        assert torch.allclose(EffectiveRank.relative_rank([w * 1e30]), before, rtol=1e-4)
+    else:
+        assert rank == 0

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Split", "digits", "stdlib_text", "char_corpus", "batches"]
+__all__ = ["Split", "digits", "stdlib_text", "char_corpus", "teacher", "batches"]
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,20 @@ def char_corpus(seq_len: int = 64, probe_size: int = 16, test_size: int = 128, s
     x, y = x[order], y[order]
     p, t = probe_size, probe_size + test_size
     return Split(x[t:], y[t:], x[:p], y[:p], x[p:t], y[p:t]), len(vocab)
+
+
+def teacher(n: int = 4096, inputs: int = 256, classes: int = 10, probe_size: int = 16,
+            seed: int = 0) -> Split:
+    """Synthetic classification: gaussian inputs labelled by a random linear teacher.
+
+    For the scaling run, where the model's width, not the data, is the point; generated
+    from ``seed`` alone (no global RNG, no files).
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, inputs, generator=g)
+    y = (x @ torch.randn(inputs, classes, generator=g)).argmax(1)
+    p, t = probe_size, probe_size + n // 8
+    return Split(x[t:], y[t:], x[:p], y[:p], x[p:t], y[p:t])
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, steps: int, seed: int):

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 
 from ..guard import GuardedOptimizer
-from .tasks import make_task
+from .tasks import Task, make_task
 
 __all__ = ["ARMS", "time_arm", "overhead", "signal_arms"]
 
@@ -28,9 +28,17 @@ ARMS: dict[str, Callable | None] = {
 }
 
 
-def time_arm(task_name: str, wrap: Callable | None, steps: int, warmup: int = 5, seed: int = 0) -> float:
-    """Seconds for ``steps`` training steps (forward, backward, step) after ``warmup`` steps."""
-    task = make_task(task_name, seed)
+def _task(task: str | Callable[[int], Task], seed: int) -> Task:
+    return make_task(task, seed) if isinstance(task, str) else task(seed)
+
+
+def time_arm(task: str | Callable[[int], Task], wrap: Callable | None, steps: int,
+             warmup: int = 5, seed: int = 0) -> float:
+    """Seconds for ``steps`` training steps (forward, backward, step) after ``warmup`` steps.
+
+    ``task`` is a name for :func:`make_task` or a ``seed -> Task`` factory.
+    """
+    task = _task(task, seed)
     opt = torch.optim.AdamW(task.model.parameters(), lr=task.lr)
     if wrap is not None:
         opt = wrap(task, opt)
@@ -55,8 +63,8 @@ def signal_arms(signals: dict[str, Callable[[], Any]]) -> dict[str, Callable]:
             for name, make in signals.items()}
 
 
-def overhead(task_name: str = "cnn", arms: tuple[str, ...] | dict[str, Callable] = tuple(ARMS),
-             steps: int = 50, repeats: int = 9, seed: int = 0,
+def overhead(task: str | Callable[[int], Task] = "cnn", arms: tuple[str, ...] | dict[str, Callable] = tuple(ARMS),
+             steps: int = 50, repeats: int = 9, seed: int = 0, warmup: int = 5,
              progress: Callable[[int], None] | None = None) -> dict[str, dict[str, float]]:
     """Median (and min/max) over ``repeats`` of each arm's time relative to ``bare``.
 
@@ -70,7 +78,7 @@ def overhead(task_name: str = "cnn", arms: tuple[str, ...] | dict[str, Callable]
     ratios: dict[str, list[float]] = {a: [] for a in arms}
     for r in range(repeats):
         order = list(arms[r % len(arms):]) + list(arms[: r % len(arms)])
-        this = {a: time_arm(task_name, table[a], steps, seed=seed) for a in order}
+        this = {a: time_arm(task, table[a], steps, warmup, seed) for a in order}
         for a in arms:
             times[a].append(this[a])
             ratios[a].append(this[a] / this["bare"])

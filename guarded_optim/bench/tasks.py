@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 
 from . import data, models
 
-__all__ = ["Task", "make_task", "TASKS", "train"]
+__all__ = ["Task", "make_task", "scaling_task", "TASKS", "train"]
 
 TASKS = ("cnn", "transformer", "mlp")
 
@@ -61,6 +62,20 @@ def make_task(name: str, seed: int = 0, probe_size: int = 16) -> Task:
         split, vocab = data.char_corpus(probe_size=probe_size, seed=seed)
         return Task(name, models.CharTransformer(vocab), split, _token_ce, 64, 5e-4, seed)
     raise ValueError(f"Unknown task {name!r}; choose one of {TASKS}.")
+
+
+def scaling_task(params: int, seed: int = 0, inputs: int = 256, classes: int = 10) -> Task:
+    """A two-hidden-layer MLP with about ``params`` parameters on :func:`data.teacher` data.
+
+    The hidden width ``h`` solves ``inputs*h + h*h + classes*h ~= params``; the scaling run
+    uses it to see how the guard's fixed and per-parameter costs compare as models grow.
+    """
+    b = inputs + classes
+    hidden = max(1, round((-b + math.sqrt(b * b + 4 * params)) / 2))
+    torch.manual_seed(seed)
+    model = models.MLP(inputs=inputs, hidden=hidden, classes=classes, depth=2)
+    return Task(f"mlp_{params:g}", model, data.teacher(inputs=inputs, classes=classes, seed=seed),
+                F.cross_entropy, 128, 1e-3, seed)
 
 
 def train(task: Task, optimizer: torch.optim.Optimizer, steps: int = 250, faults=None,

@@ -246,14 +246,23 @@ class EffectiveRank:
 
     @staticmethod
     def relative_rank(params: list[torch.Tensor]) -> torch.Tensor | None:
-        """Mean relative effective rank of the 2-D params (``None`` if there are none)."""
+        """Mean relative effective rank of the 2-D params (``None`` if there are none).
+
+        The rank is scale-invariant, so each matrix is divided by its largest magnitude
+        first (no overflow in the SVD of huge weights); a matrix with a non-finite entry
+        counts as rank 0 (no sync: the check stays on the device).
+        """
         ranks = []
         for p in params:
             if p.dim() != 2 or min(p.shape) < 2:
                 continue
-            s = torch.linalg.svdvals(p.detach().float())
+            w = p.detach().float()
+            finite = torch.isfinite(w).all()
+            w = torch.where(torch.isfinite(w), w, 0.0)
+            s = torch.linalg.svdvals(w / w.abs().amax().clamp_min(1e-30))
             q = s / s.sum().clamp_min(1e-30)
-            ranks.append(torch.exp(-torch.special.xlogy(q, q).sum()) / min(p.shape))
+            rank = torch.exp(-torch.special.xlogy(q, q).sum()) / min(p.shape)
+            ranks.append(torch.where(finite, rank, 0.0))
         if not ranks:
             return None
         return torch.nan_to_num(torch.stack(ranks).mean(), nan=1.0)
