@@ -32,7 +32,8 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["AUTO", "resolve_group", "world_size", "agree", "agree_mean"]
+__all__ = ["AUTO", "resolve_group", "world_size", "pack", "full_value", "agree", "agree_mean", "sharded",
+           "check_world_size"]
 
 AUTO = "auto"
 
@@ -70,6 +71,22 @@ def resolve_group(process_group: Any) -> Any:
 def world_size(group: Any) -> int:
     """Ranks in ``group`` (1 for ``None``: no reduction)."""
     return 1 if group is None else _dist().get_world_size(group)
+
+
+def pack(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One flat vector of a step's flags and measurements, ready for :func:`agree`.
+
+    Under FSDP2 the signals measure ``DTensor`` parameters and gradients, so some parts are
+    ``DTensor``: each becomes its full value (no communication for a replicated flag; a
+    pending partial sum, such as a sharded gradient norm, is reduced here). Plain tensors
+    are concatenated as they are.
+    """
+    return torch.cat([full_value(p) for p in parts])
+
+
+def full_value(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor holding the full value of ``t`` (``DTensor.full_tensor()``), or ``t``."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def agree(values: torch.Tensor, means: Sequence[int], group: Any) -> torch.Tensor:

@@ -31,7 +31,8 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
-from .distributed import AUTO, agree, agree_mean, check_world_size, resolve_group, world_size
+from .distributed import (AUTO, agree, agree_mean, check_world_size, full_value, pack,
+                          resolve_group, world_size)
 from .events import StepEvent
 from .innovation import FixedThreshold, RelativeThreshold, Threshold, accepts, ewma, innovation
 from .policy import Decision, RecoveryAction
@@ -330,7 +331,7 @@ class GuardedOptimizer(Optimizer):
         #    health with the post-step signals): one host transfer for every flag
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         overflow = self._amp_unscale(grads)   # GradScaler's found_inf (None without AMP)
-        m = StepMeasurement(t, global_grad_norm(grads),
+        m = StepMeasurement(t, full_value(global_grad_norm(grads)),
                             loss if isinstance(loss, torch.Tensor) else None, self.inner)
         device = m.grad_norm.device
         checked = post if self._unverified else []   # unverified proposals: check theta_t now
@@ -339,7 +340,7 @@ class GuardedOptimizer(Optimizer):
         if overflow is not None:
             parts.append(overflow.to(device, torch.float32).reshape(1))
         group = resolve_group(self.process_group)
-        values = agree(torch.cat(parts), [len(pre)], group).tolist()  # every rank alike
+        values = agree(pack(parts), [len(pre)], group).tolist()  # every rank alike
         overflowed = overflow is not None and bool(values.pop())
         fired, state_fired = ([bool(v) for v in values[: len(pre)]],
                               [bool(v) for v in values[len(pre) + 1:]])
@@ -391,7 +392,7 @@ class GuardedOptimizer(Optimizer):
             raise
         parts = [torch.as_tensor(raw).detach().to(device, torch.float64).reshape(1)]
         parts += [f.to(device, torch.float64).reshape(1) for f in post_flags]
-        values = agree(torch.cat(parts), [0], group).tolist()  # probe mean, flags any-rank
+        values = agree(pack(parts), [0], group).tolist()  # probe mean, flags any-rank
         y, post_fired = values[0], [bool(v) for v in values[1:]]
         self.stats["measured"] += 1
         nu, eps = innovation(y, self.yhat), self.threshold(self.yhat)

@@ -55,6 +55,17 @@ def _flat_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a ``DTensor`` (FSDP2), a view sharing its storage; ``t`` otherwise.
+
+    Snapshots are rank-local: each rank copies exactly the tensors it holds."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _locals(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [_local(t) for t in ts] if any(hasattr(t, "to_local") for t in ts) else ts
+
+
 def _fingerprint(optimizer: torch.optim.Optimizer, buffers: list[torch.Tensor]) -> tuple:
     """Cheap layout key: changes when params are added, state appears, or state is reloaded."""
     state = optimizer.state
@@ -106,6 +117,7 @@ class Snapshot:
 
     # -- layout ---------------------------------------------------------------------------
     def _alloc(self, t: torch.Tensor) -> torch.Tensor:
+        t = _local(t)
         if self.mode == "device":
             return torch.empty_like(t, memory_format=torch.preserve_format)
         return torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self._pin)
@@ -174,7 +186,7 @@ class Snapshot:
             elif any(a is not b for a, b in zip(live_state, self._live_state)):
                 self._regather = True
                 self._live_state = live_state
-        live = self._params + self._live_state
+        live = _locals(self._params) + _locals(self._live_state)
         saved = self._saved_params + self._saved_state
         if self._stream is not None:
             self._stream.wait_stream(torch.cuda.current_stream(self._stream.device))
@@ -215,7 +227,7 @@ class Snapshot:
         live = _flat_params(self.optimizer)
         return len(live) == len(self._saved_params) and all(
             a.device == b.device and torch.equal(a, b)
-            for a, b in zip((p.detach() for p in live), self._saved_params))
+            for a, b in zip((_local(p.detach()) for p in live), self._saved_params))
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -228,7 +240,7 @@ class Snapshot:
             raise RuntimeError("Snapshot.restore() called before any capture().")
         self.wait()
         opt = self.optimizer
-        live = self._params + self._relayout_state()  # rare path: resolve live tensors afresh
+        live = _locals(self._params) + _locals(self._relayout_state())  # resolved afresh
         saved = self._saved_params + self._saved_state
         if live:
             torch._foreach_copy_(live, saved, non_blocking=self._pin)
@@ -258,7 +270,7 @@ class Snapshot:
             for k in keys:
                 saved, device = self._saved_state[pos], self._state_devices[pos]
                 cur = entry.get(k)
-                if not (isinstance(cur, torch.Tensor) and cur.shape == saved.shape
+                if not (isinstance(cur, torch.Tensor) and _local(cur).shape == saved.shape
                         and cur.dtype == saved.dtype and cur.device == device):
                     cur = entry[k] = torch.empty(saved.shape, dtype=saved.dtype, device=device)
                 live.append(cur)
@@ -279,7 +291,7 @@ class Snapshot:
         for p in params:
             self._params.append(p)
             saved = self._alloc(p)
-            saved.copy_(p)
+            saved.copy_(_local(p))
             self._saved_params.append(saved)
         self._fp = None
 
@@ -336,7 +348,7 @@ class Snapshot:
         """Raise ``ValueError`` if ``sd`` does not fit the live parameters and buffers."""
         params = _flat_params(self.optimizer)
         saved = sd["params"]
-        if len(saved) != len(params) or any(s.shape != p.shape for s, p in zip(saved, params)):
+        if len(saved) != len(params) or any(s.shape != _local(p).shape for s, p in zip(saved, params)):
             raise ValueError(
                 "state_dict does not match this optimizer's parameters: the snapshot holds "
                 f"{len(saved)} tensors shaped {[tuple(s.shape) for s in saved][:4]}..., the "
