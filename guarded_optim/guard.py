@@ -394,6 +394,7 @@ class GuardedOptimizer(Optimizer):
         parts += [f.to(device, torch.float64).reshape(1) for f in post_flags]
         values = agree(pack(parts), [0], group).tolist()  # probe mean, flags any-rank
         y, post_fired = values[0], [bool(v) for v in values[1:]]
+        event.signals.update((s.name, f) for s, f in zip(post, post_fired))
         self.stats["measured"] += 1
         nu, eps = innovation(y, self.yhat), self.threshold(self.yhat)
         event.y, event.yhat, event.innovation, event.threshold = y, self.yhat, nu, eps
