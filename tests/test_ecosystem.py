@@ -830,3 +830,55 @@ def test_step_with_closure_returns_the_loss_on_rollback_and_skip():
 
     out = opt.step(nan_closure)
     assert opt.last_decision == "skip" and torch.isnan(out)
+
+
+# =============================================================================================
+# 7. torch.compile (inductor on CPU) and foreach inner kernels
+# =============================================================================================
+
+def _compiled_run(guarded: bool, variant: str, spike_at: int | None = None, steps: int = 6):
+    """Train through ``torch.compile(model)``; the probe runs through the compiled module too.
+
+    ``variant``: ``"compiled_step"`` compiles the inner optimizer's step (the guard's own
+    step stays eager: it reads flags on the host), ``"foreach"`` uses Adam's foreach kernels.
+    """
+    m = make_model(bn=False)
+    cm = torch.compile(m)  # inductor
+    inner = torch.optim.Adam(m.parameters(), lr=0.01, foreach=True)
+    if variant == "compiled_step":
+        inner.step = torch.compile(inner.step)
+    probe_calls = []
+
+    def probe():
+        probe_calls.append(1)
+        return F.mse_loss(cm(PROBE_X), PROBE_Y)
+
+    opt = GuardedOptimizer(inner, probe=probe, module=m) if guarded else inner
+    decisions, exact = [], None
+    for i, (x, y) in enumerate(BATCHES[:steps]):
+        opt.zero_grad()
+        F.mse_loss(cm(x), y).backward()
+        if i == spike_at:
+            before = full_state(m, opt)
+            with lr_spike(opt):
+                opt.step()
+            exact = _states_equal(before, full_state(m, opt))
+        else:
+            opt.step()
+        if guarded:
+            decisions.append(opt.last_decision)
+    return m, opt, decisions, exact, len(probe_calls)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["compiled_step", "foreach"])
+def test_compiled_model_trains_under_the_guard_and_rolls_back_exactly(variant, one_thread):
+    mg, opt, decisions, exact, probes = _compiled_run(True, variant, spike_at=3)
+    assert decisions == ["accept"] * 3 + ["rollback"] + ["accept"] * 2
+    assert exact, "the rollback did not restore the compiled model's state bit for bit"
+    assert probes == 1 + 6 and opt.stats["measured"] == 6
+    # clean: the guarded compiled run is the bare compiled run
+    mg, opt, decisions, _, _ = _compiled_run(True, variant)
+    mb, _, _, _, _ = _compiled_run(False, variant)
+    assert decisions == ["accept"] * 6
+    assert_same_model(mg, mb)
