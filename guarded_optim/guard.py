@@ -5,6 +5,8 @@ One call of ``step()``:
 1. *measure before*: the pre-step signals read the training loss and the global gradient
    norm (non-finite, spike). If one fires the step is SKIPPED: nothing is applied, nothing
    is restored. All flags come to the host in one transfer: the only sync of the step.
+   Under a process group that transfer is first summed across ranks (one all_reduce,
+   :mod:`.distributed`), so every rank takes the same decision; so is step 3's.
 2. *propose*: ``inner.step()`` (after waiting for a pending asynchronous snapshot).
 3. *measure*: every ``probe_every``-th applied step, ``y = probe()`` on the proposed
    parameters; innovation ``nu = y - yhat``.
