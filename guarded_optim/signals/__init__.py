@@ -7,9 +7,14 @@
 * :mod:`.weights` -- post-step :class:`NonFiniteWeights`, :class:`WeightNorm`,
   :class:`OptimizerStateHealth`, :class:`Sparsity`, :class:`EffectiveRank`,
   :class:`StepCounters` (FAILURE: roll back to the last verified state).
+* :mod:`.dynamics` -- opt-in :class:`Lyapunov` (FAILURE when divergent), phase, FFT, radius.
+* :mod:`.curvature` -- Hutchinson trace, power-iteration lambda_max, SAM sharpness (on
+  demand) and the opt-in every-N-steps :class:`CurvatureSpike` (FAILURE).
 """
 
 from .base import PreStepSignal, Signal, StepMeasurement, Verdict
+from .curvature import CurvatureSpike, hessian_lambda_max, hutchinson_trace, sam_sharpness
+from .dynamics import Lyapunov, classify_phase
 from .gradients import (GradientAgreement, GradientEntropy, GradientSpike, LayerwiseCV,
                         global_grad_norm, global_norm)
 from .loss import LossSpike, NonFinite
@@ -21,7 +26,8 @@ __all__ = ["Signal", "PreStepSignal", "StepMeasurement", "Verdict", "GradientSpi
            "global_grad_norm", "global_norm", "NonFinite", "LossSpike", "NonFiniteWeights", "WeightNorm", "WeightHealth",
            "OptimizerStateHealth", "ProbeError", "measure_probe", "default_signals",
            "GradientAgreement", "LayerwiseCV", "GradientEntropy", "Sparsity", "EffectiveRank",
-           "StepCounters"]
+           "StepCounters", "Lyapunov", "classify_phase", "CurvatureSpike", "hutchinson_trace",
+           "hessian_lambda_max", "sam_sharpness"]
 
 
 def default_signals() -> list:
