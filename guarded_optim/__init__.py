@@ -4,7 +4,8 @@ Replace ``torch.optim.AdamW(...)`` with ``GuardedOptimizer(torch.optim.AdamW(...
 and change nothing else.
 """
 
-from .events import StepEvent
+from . import distributed
+from .events import CSVSink, StepEvent, TensorBoardSink
 from .guard import GuardedOptimizer
 from .innovation import FixedThreshold, RelativeThreshold, accepts, ewma, innovation
 from .policy import Decision, Escape, RecoveryAction, ReduceLR, TightenClip, arc_recovery
@@ -15,7 +16,7 @@ from .snapshot import Snapshot, SnapshotRing
 __version__ = "0.1.0"
 
 __all__ = [
-    "GuardedOptimizer", "Decision", "StepEvent", "Snapshot", "SnapshotRing",
+    "GuardedOptimizer", "Decision", "StepEvent", "CSVSink", "TensorBoardSink", "distributed", "Snapshot", "SnapshotRing",
     "FixedThreshold", "RelativeThreshold", "innovation", "ewma", "accepts",
     "GradientSpike", "NonFinite", "LossSpike", "NonFiniteWeights", "WeightNorm",
     "OptimizerStateHealth", "Verdict", "ProbeError", "default_signals",

@@ -107,3 +107,13 @@ def test_format_table_aligns_measured_values():
     lines = text.splitlines()
     assert len({len(line) for line in lines}) == 1
     assert "1.235" in text and "1.23e+04" in text and "inf" in text and " -" in text
+
+
+def test_resnet18_is_the_standard_architecture():
+    import torch
+
+    from guarded_optim.bench.models import ResNet18
+    model = ResNet18(in_channels=3, classes=10)
+    # torchvision's resnet18 with a 3x3 stem and 10 classes has 11,173,962 parameters
+    assert sum(p.numel() for p in model.parameters()) == 11_173_962
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)

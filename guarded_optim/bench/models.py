@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["DigitsCNN", "MLP", "CharTransformer"]
+__all__ = ["DigitsCNN", "MLP", "CharTransformer", "ResNet18"]
 
 
 class DigitsCNN(nn.Module):
@@ -62,3 +62,43 @@ class CharTransformer(nn.Module):
         h = self.embed(x) + self.pos[:t]
         h = self.encoder(h, mask=self.mask[:t, :t], is_causal=True)
         return self.head(h)
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                          nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 (He et al. 2016; [2, 2, 2, 2] basic blocks, 11.2M parameters) with the
+    CIFAR stem (3x3 convolution, no max-pool), written out so that no torchvision is needed.
+    On the 8x8 digits the spatial size goes 8 -> 4 -> 2 -> 1 across the stages."""
+
+    def __init__(self, in_channels: int = 1, classes: int = 10, width: int = 64):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(width), nn.ReLU())
+        stages, cin = [], width
+        for i, blocks in enumerate((2, 2, 2, 2)):
+            cout = width * 2 ** i
+            for b in range(blocks):
+                stages.append(_BasicBlock(cin, cout, 2 if b == 0 and i > 0 else 1))
+                cin = cout
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Linear(cin, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stages(self.stem(x))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(h, 1), 1))

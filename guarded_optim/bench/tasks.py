@@ -13,7 +13,7 @@ from . import data, models
 
 __all__ = ["Task", "make_task", "scaling_task", "TASKS", "train"]
 
-TASKS = ("cnn", "transformer", "mlp")
+TASKS = ("cnn", "transformer", "mlp", "resnet18")
 
 
 @dataclass
@@ -50,11 +50,14 @@ def _token_ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def make_task(name: str, seed: int = 0, probe_size: int = 16) -> Task:
-    """Build task ``name`` (``cnn``, ``transformer`` or ``mlp``) with init and data fixed by ``seed``."""
+    """Build task ``name`` (one of :data:`TASKS`) with init and data fixed by ``seed``."""
     torch.manual_seed(seed)
     if name == "cnn":
         split = data.digits(probe_size=probe_size, seed=seed)
         return Task(name, models.DigitsCNN(), split, F.cross_entropy, 128, 1e-3, seed)
+    if name == "resnet18":   # the paper's model, on the digits (no CIFAR-10 download here)
+        split = data.digits(probe_size=probe_size, seed=seed)
+        return Task(name, models.ResNet18(), split, F.cross_entropy, 128, 1e-3, seed)
     if name == "mlp":
         split = data.digits(probe_size=probe_size, seed=seed, flat=True)
         return Task(name, models.MLP(), split, F.cross_entropy, 128, 1e-3, seed)
