@@ -59,6 +59,7 @@ def weights_and_state(m, opt):
     ("weights_zero", "weight_norm", "now"),
     ("adam_state_x1e6", "optimizer_state", "now"),
     ("adam_state_nan", "optimizer_state", "now"),
+    ("adam_state_zero", "optimizer_state", "now"),     # the second moment's norm collapses
     ("lr_x100000", "weight_norm", "next"),
 ])
 def test_signal_fires_on_its_fault_and_rollback_is_exact(fault, signal, when):
@@ -202,3 +203,14 @@ def test_random_faults_end_finite_and_equal_to_replaying_applied_steps(faults, s
             bare.step()
             schedule.after_step(t, bare)
     tiny.assert_same(weights_and_state(m2, bare), weights_and_state(m, opt))
+
+
+def test_optimizer_state_collapse_bound_holds_on_clean_adam():
+    """Adam's ``v_t >= beta2 * v_{t-1}``: the per-key norms never fall 100x on clean steps,
+    and each key is measured on its own (a zeroed exp_avg_sq is not hidden by exp_avg)."""
+    sig = OptimizerStateHealth()
+    m, opt = guarded(signals=[sig])
+    _, batches = tiny.data(steps=60)
+    d = run(m, opt, batches)
+    assert d == [("accept", None)] * 60
+    assert sig.keys == ("exp_avg", "exp_avg_sq") and sig.last.shape == (2,)

@@ -16,10 +16,14 @@ import torch
 from ..events import StepEvent
 from ..faults import (CorruptWeights, Fault, FaultSchedule, LRSpike, ScaleGradients, SlowDrift,
                       make_fault)
+from ..conformal import ConformalForecast, ConformalThreshold
+from ..fisher import FisherDiagonal, ImportanceWeightedRollback
 from ..guard import GuardedOptimizer
 from ..signals import (EffectiveRank, GradientAgreement, GradientEntropy, GradientSpike,
                        LayerwiseCV, LossSpike, NonFinite, NonFiniteWeights, OptimizerStateHealth,
                        Sparsity, WeightNorm, default_signals)
+from ..signals.curvature import CurvatureSpike
+from ..signals.dynamics import Lyapunov
 from ..signals.gradients import global_norm
 from .tasks import Task, make_task, train
 
@@ -123,12 +127,22 @@ def _with(*extra: Callable[[], Any]) -> Callable[[], list]:
     return lambda: default_signals() + [make() for make in extra]
 
 
-def _ablation(signals: Callable[[], list], probe: bool = True, **kw) -> Wrap:
-    return lambda task, inner: GuardedOptimizer(inner, task.probe if probe else None,
-                                                module=task.model, signals=signals(), **kw)
+def _ablation(signals: Callable[[], list], probe: bool = True,
+              **parts: Callable[[Task], Any]) -> Wrap:
+    """A guard with ``signals()``; each of ``parts`` builds a fresh keyword argument per run."""
+    return lambda task, inner: GuardedOptimizer(
+        inner, task.probe if probe else None, module=task.model, signals=signals(),
+        **{k: make(task) for k, make in parts.items()})
 
 
-#: Ablation rows: the default guard, each signal family switched off, and the opt-in extras.
+def _curvature(task: Task) -> list:
+    return default_signals() + [CurvatureSpike(task.probe, module=task.model, every=50)]
+
+
+#: Ablation rows: the default guard, each signal family switched off, the opt-in extras of
+#: issue 3 and ARC's analytic tools (issue 6). ``EWCPenalty`` has no row: it changes the
+#: training loss, which needs the user's closure to call ``ewc_penalty(opt)``; ``FisherDrift``
+#: has none until its ``tau`` is calibrated (see the README).
 ABLATIONS: dict[str, Wrap] = {
     "default": _ablation(default_signals),
     "-probe": _ablation(default_signals, probe=False),
@@ -141,6 +155,15 @@ ABLATIONS: dict[str, Wrap] = {
     "+sparsity_rank": _ablation(_with(Sparsity, EffectiveRank)),
     "+sparsity_rank-probe": _ablation(_with(Sparsity, EffectiveRank), probe=False),
     "+gradient_stats": _ablation(_with(GradientAgreement, LayerwiseCV, GradientEntropy)),
+    "+lyapunov": _ablation(_with(Lyapunov)),
+    "+lyapunov-probe": _ablation(_with(Lyapunov), probe=False),
+    "+curvature": lambda task, inner: GuardedOptimizer(inner, task.probe, module=task.model,
+                                                       signals=_curvature(task)),
+    "conformal_threshold": _ablation(default_signals,
+                                     threshold=lambda task: ConformalThreshold(alpha=0.01)),
+    "+forecast": _ablation(default_signals, recovery=lambda task: [ConformalForecast()]),
+    "+importance_rollback": _ablation(default_signals, recovery=lambda task: [
+        FisherDiagonal(), ImportanceWeightedRollback()]),
 }
 
 

@@ -89,11 +89,17 @@ class WeightNorm:
 
 
 class OptimizerStateHealth:
-    """FAILURE when optimizer state is non-finite or its norm jumps by ``factor`` in one step.
+    """FAILURE when optimizer state is non-finite, or the norm of one of its kinds jumps up
+    or collapses by ``factor`` in one step.
 
-    Covers every floating-point state tensor with at least one dimension (Adam's
-    ``exp_avg``/``exp_avg_sq``, SGD's momentum). Moments grow from zero over the first
-    steps, so the jump test starts after ``warmup`` healthy steps.
+    Covers every floating-point state tensor with at least one dimension, grouped by state
+    key (Adam's ``exp_avg`` and ``exp_avg_sq``, SGD's ``momentum_buffer``): one global norm
+    per key, so a corrupted second moment is not hidden by the larger first moment. Moments
+    grow from zero over the first steps, so the jump tests start after ``warmup`` healthy
+    steps. The collapse test has a hard margin on clean Adam: ``v_t >= beta2 * v_{t-1}``
+    element-wise, so ``exp_avg_sq``'s norm can fall at most by ``beta2`` (0.999) per step,
+    never by 100x; a zeroed or reset second moment (which makes the next updates huge)
+    falls to 0. The key set changing (state created lazily) re-takes the reference.
     """
 
     name = "optimizer_state"
@@ -104,39 +110,50 @@ class OptimizerStateHealth:
             raise ValueError(f"Invalid factor={factor!r} / warmup={warmup!r}; need factor > 1 "
                              "and warmup >= 1.")
         self.factor, self.warmup = factor, warmup
-        self.last: torch.Tensor | None = None
+        self.last: torch.Tensor | None = None      # per-key norms of the last healthy step
+        self.keys: tuple[str, ...] = ()
         self.count = 0
         self._norm: torch.Tensor | None = None
+        self._keys: tuple[str, ...] = ()
 
     @staticmethod
-    def _state_tensors(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
-        return [v for st in opt.state.values() for v in st.values()
-                if isinstance(v, torch.Tensor) and v.dim() > 0 and v.is_floating_point()]
+    def _state_by_key(opt: torch.optim.Optimizer) -> dict[str, list[torch.Tensor]]:
+        groups: dict[str, list[torch.Tensor]] = {}
+        for st in opt.state.values():
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor) and v.dim() > 0 and v.is_floating_point():
+                    groups.setdefault(str(k), []).append(v)
+        return dict(sorted(groups.items()))
 
     def measure(self, m: StepMeasurement) -> torch.Tensor:
-        tensors = self._state_tensors(m.optimizer)
-        if not tensors:
+        groups = self._state_by_key(m.optimizer)
+        if not groups:
             self._norm = None
             return _false(m.grad_norm.device)
-        norm = self._norm = global_norm(tensors).float()
-        bad = ~torch.isfinite(norm)
-        if self.count >= self.warmup and self.last is not None:
-            bad = bad | (norm > self.factor * self.last)
+        norms = self._norm = torch.stack([global_norm(ts).float() for ts in groups.values()])
+        self._keys = tuple(groups)
+        bad = ~torch.isfinite(norms).all()
+        if self.count >= self.warmup and self.last is not None and self._keys == self.keys:
+            last = self.last.to(norms.device)
+            bad = bad | (norms > self.factor * last).any() | (norms * self.factor < last).any()
         return bad
 
     def observe(self, m, applied, fired) -> None:
         if applied and not fired and self._norm is not None:
+            if self._keys != self.keys:
+                self.keys, self.count = self._keys, 0
             self.last, self.count = self._norm, self.count + 1
 
     def rebase(self) -> None:
         """Forget the reference and warm up again."""
-        self.last, self.count = None, 0
+        self.last, self.keys, self.count = None, (), 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last": self.last, "count": self.count}
+        return {"last": self.last, "keys": list(self.keys), "count": self.count}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.last, self.count = state["last"], int(state["count"])
+        self.keys = tuple(state.get("keys", ()))
 
     def __repr__(self) -> str:
         return f"OptimizerStateHealth(factor={self.factor}, warmup={self.warmup})"
