@@ -6,11 +6,15 @@ and change nothing else.
 
 from . import distributed
 from .events import CSVSink, StepEvent, TensorBoardSink
+from .conformal import ConformalForecast, ConformalStateSets, ConformalThreshold
+from .fisher import (EWCPenalty, FisherDiagonal, FisherDrift, ImportanceWeightedRollback,
+                     ewc_penalty, fisher_effective_rank, fisher_rao_distance, gradient_snr)
 from .guard import GuardedOptimizer
 from .innovation import FixedThreshold, RelativeThreshold, accepts, ewma, innovation
 from .policy import Decision, Escape, RecoveryAction, ReduceLR, TightenClip, arc_recovery
-from .signals import (GradientSpike, LossSpike, NonFinite, NonFiniteWeights,
-                      OptimizerStateHealth, ProbeError, Verdict, WeightNorm, default_signals)
+from .signals import (CurvatureSpike, GradientSpike, LossSpike, Lyapunov, NonFinite,
+                      NonFiniteWeights, OptimizerStateHealth, ProbeError, Verdict, WeightNorm,
+                      default_signals, hessian_lambda_max, hutchinson_trace, sam_sharpness)
 from .snapshot import Snapshot, SnapshotRing
 
 __version__ = "0.1.0"
@@ -21,4 +25,8 @@ __all__ = [
     "GradientSpike", "NonFinite", "LossSpike", "NonFiniteWeights", "WeightNorm",
     "OptimizerStateHealth", "Verdict", "ProbeError", "default_signals",
     "RecoveryAction", "ReduceLR", "TightenClip", "Escape", "arc_recovery", "__version__",
+    "ConformalThreshold", "ConformalForecast", "ConformalStateSets", "FisherDiagonal",
+    "FisherDrift", "ImportanceWeightedRollback", "EWCPenalty", "ewc_penalty",
+    "fisher_rao_distance", "fisher_effective_rank", "gradient_snr", "Lyapunov",
+    "CurvatureSpike", "hutchinson_trace", "hessian_lambda_max", "sam_sharpness",
 ]
