@@ -77,13 +77,19 @@ def protocol(task: str, seeds: Iterable[int], steps: int, fault: str, start: int
 
 
 def _scenario_row(scenario, runs: dict[str, Run], clean: Run, start: int) -> dict:
-    """Final probe loss / clean and its outcome per arm; for guarded arms rollbacks, skips and
+    """Final probe loss / clean and its outcome per arm (on a control, the guarded arms' outcome
+    is judged against the bare run of that control); for guarded arms rollbacks, skips and
     interventions outside the fault window (on a clean control: every one, a false alarm)."""
     row: dict = {}
     for arm, r in runs.items():
         final = r.curve[-1] / clean.curve[-1] if math.isfinite(r.curve[-1]) else math.inf
         row[f"{arm}_final"] = final
-        row[f"{arm}_outcome"] = outcome(final)
+        if not scenario.control:
+            row[f"{arm}_outcome"] = outcome(final)
+        elif arm == "bare":       # a control changes training on purpose: it is the reference
+            row[f"{arm}_outcome"] = "control"
+        else:
+            row[f"{arm}_outcome"] = outcome(final / row["bare_final"])
         if arm != "bare":
             inside, outside = interventions(r, start, scenario.length)
             row[f"{arm}_rollbacks"] = r.stats.get("rollbacks", 0)
