@@ -190,7 +190,7 @@ class GuardedOptimizer(Optimizer):
         self.threshold: Threshold = (threshold if threshold is not None else
                                      FixedThreshold(epsilon) if epsilon is not None else
                                      RelativeThreshold())
-        self.signals = list(default_signals() if signals is None else signals)
+        self.signals = list(default_signals(probe is not None) if signals is None else signals)
         names = [s.name for s in self.signals]
         if len(set(names)) != len(names):
             raise ValueError(f"signals must have distinct names, got {names}.")

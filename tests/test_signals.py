@@ -214,3 +214,14 @@ def test_optimizer_state_collapse_bound_holds_on_clean_adam():
     d = run(m, opt, batches)
     assert d == [("accept", None)] * 60
     assert sig.keys == ("exp_avg", "exp_avg_sq") and sig.last.shape == (2,)
+
+
+def test_default_signals_leave_loss_spike_to_the_probe():
+    """A probed guard lets the probe judge the kept state; without a probe the training-loss
+    spike is the only check of damage the weight signals cannot see."""
+    m = tiny.model()
+    probe_set, _ = tiny.data(steps=1)
+    probed = GuardedOptimizer(torch.optim.AdamW(m.parameters()), tiny.probe_for(m, probe_set), module=m)
+    bare = GuardedOptimizer(torch.optim.AdamW(m.parameters()), module=m)
+    assert "loss_spike" not in {s.name for s in probed.signals}
+    assert {s.name for s in bare.signals} == {s.name for s in probed.signals} | {"loss_spike"}

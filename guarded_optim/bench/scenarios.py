@@ -120,23 +120,23 @@ def _without(*families: str) -> Callable[[], list]:
             "loss": (LossSpike,), "weights": (WeightNorm,),
             "optimizer_state": (OptimizerStateHealth,)}
     kinds = tuple(k for f in families for k in drop[f])
-    return lambda: [s for s in default_signals() if not isinstance(s, kinds)]
+    return lambda probe: [s for s in default_signals(probe) if not isinstance(s, kinds)]
 
 
-def _with(*extra: Callable[[], Any]) -> Callable[[], list]:
-    return lambda: default_signals() + [make() for make in extra]
+def _with(*extra: Callable[[], Any]) -> Callable[[bool], list]:
+    return lambda probe: default_signals(probe) + [make() for make in extra]
 
 
-def _ablation(signals: Callable[[], list], probe: bool = True,
+def _ablation(signals: Callable[[bool], list], probe: bool = True,
               **parts: Callable[[Task], Any]) -> Wrap:
-    """A guard with ``signals()``; each of ``parts`` builds a fresh keyword argument per run."""
+    """A guard with ``signals(probe)``; each of ``parts`` builds a fresh keyword argument per run."""
     return lambda task, inner: GuardedOptimizer(
-        inner, task.probe if probe else None, module=task.model, signals=signals(),
+        inner, task.probe if probe else None, module=task.model, signals=signals(probe),
         **{k: make(task) for k, make in parts.items()})
 
 
 def _curvature(task: Task) -> list:
-    return default_signals() + [CurvatureSpike(task.probe, module=task.model, every=50)]
+    return default_signals(True) + [CurvatureSpike(task.probe, module=task.model, every=50)]
 
 
 #: Ablation rows: the default guard, each signal family switched off, the opt-in extras of
@@ -148,10 +148,11 @@ ABLATIONS: dict[str, Wrap] = {
     "-probe": _ablation(default_signals, probe=False),
     "-nonfinite": _ablation(_without("nonfinite")),
     "-gradient": _ablation(_without("gradient")),
-    "-loss": _ablation(_without("loss")),
+    "-probe-loss": _ablation(_without("loss"), probe=False),   # the probe default lacks it
     "-weights": _ablation(_without("weights")),
     "-optimizer_state": _ablation(_without("optimizer_state")),
-    "probe_only": _ablation(lambda: []),
+    "+loss": _ablation(lambda probe: default_signals(False)),   # LossSpike with a probe too
+    "probe_only": _ablation(lambda probe: []),
     "+sparsity_rank": _ablation(_with(Sparsity, EffectiveRank)),
     "+sparsity_rank-probe": _ablation(_with(Sparsity, EffectiveRank), probe=False),
     "+gradient_stats": _ablation(_with(GradientAgreement, LayerwiseCV, GradientEntropy)),

@@ -30,8 +30,8 @@ __all__ = ["Signal", "PreStepSignal", "StepMeasurement", "Verdict", "GradientSpi
            "hessian_lambda_max", "sam_sharpness"]
 
 
-def default_signals() -> list:
-    """The signals a guard uses unless told otherwise.
+def default_signals(probe: bool = False) -> list:
+    """The signals a guard uses unless told otherwise (``probe``: the guard has a probe).
 
     The ones that measured best at near-zero cost: on the digits CNN without a probe they
     turn LR spikes of x1000 / x100000 (80x / 1900x the clean probe loss, bare) into 1.09x,
@@ -39,6 +39,12 @@ def default_signals() -> list:
     runs of the CNN, the MLP and the transformer; each costs within the timing noise of a
     bare AdamW step. The gradient-shape signals (agreement, CV, entropy) and the periodic
     weight checks (sparsity, rank) are opt-in: their margins on clean runs are thinner.
+
+    With a probe, :class:`LossSpike` is left out: the probe verifies every kept state, and a
+    training-loss spike on a probe-verified state is a disagreement the probe should win.
+    With both, an LR x50 window on the digits CNN ended 1.70x the clean run (LossSpike
+    rolled back 20 times onto the probe-accepted state, then escalated 50 steps back); the
+    ablation without it caught every fault of its 16 scenarios, with no false alarm.
     """
-    return [NonFinite(), GradientSpike(), LossSpike(), NonFiniteWeights(), WeightNorm(),
-            OptimizerStateHealth()]
+    before = [NonFinite(), GradientSpike()] + ([] if probe else [LossSpike()])
+    return before + [NonFiniteWeights(), WeightNorm(), OptimizerStateHealth()]
