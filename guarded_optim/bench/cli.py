@@ -64,6 +64,11 @@ def _emit(title: str, rows: dict, key: str, out: str | None, name: str) -> None:
         report.write_csv(os.path.join(out, f"{name}.csv"), rows, key)
 
 
+def _scenario_window(args) -> tuple[int, int]:
+    """(steps, fault start) of a scenario run: short under ``--quick``."""
+    return (100, 50) if args.quick else (args.scenario_steps, args.scenario_start)
+
+
 def _protocol(args, task: str, seeds: int, tick) -> None:
     steps, start, length = args.steps, args.fault_start, args.fault_length
     if args.quick:
@@ -86,7 +91,7 @@ def _protocol(args, task: str, seeds: int, tick) -> None:
 
 
 def _scenarios(args, tick) -> None:
-    steps, start = (100, 50) if args.quick else (args.scenario_steps, args.scenario_start)
+    steps, start = _scenario_window(args)
     names = args.scenarios or (QUICK_SCENARIOS if args.quick else tuple(SCENARIOS))
     models = args.models or (("mlp",) if args.quick else ("cnn", "mlp"))
     arms = ("guarded_probe", "guarded_signals")
@@ -103,7 +108,7 @@ def _scenarios(args, tick) -> None:
 
 
 def _ablation(args, tick) -> None:
-    steps, start = (100, 50) if args.quick else (args.scenario_steps, args.scenario_start)
+    steps, start = _scenario_window(args)
     names = QUICK_SCENARIOS if args.quick else ABLATION_SCENARIOS
     task = "mlp" if args.quick else args.ablation_task
     table = ablation(task, names, steps, start, overhead_repeats=args.repeats,

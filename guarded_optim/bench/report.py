@@ -7,6 +7,7 @@ figures need matplotlib (the ``bench`` extra); without it the CSV files are stil
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import os
 import statistics
@@ -14,14 +15,15 @@ from typing import Iterable, Sequence
 
 from .scenarios import Run
 
-__all__ = ["steps_to_recover", "outcome", "interventions", "protocol_table", "format_table",
+__all__ = ["ratio", "steps_to_recover", "outcome", "interventions", "protocol_table", "format_table",
            "compact_scenarios", "write_csv", "write_curves", "plot_protocol"]
 
 #: a run "ends well" when its final probe loss is within this factor of the clean run's
 TOLERANCE = 1.25
 
 
-def _ratio(value: float, clean: float) -> float:
+def ratio(value: float, clean: float) -> float:
+    """``value / clean``; ``inf`` when ``value`` is not finite (a crashed run)."""
     return value / clean if math.isfinite(value) else math.inf
 
 
@@ -73,8 +75,8 @@ def protocol_table(runs: list[Run], clean: dict[int, Run], start: int, length: i
     out: dict[str, dict[str, float]] = {}
     for arm in dict.fromkeys(r.arm for r in runs):
         rs = [r for r in runs if r.arm == arm]
-        finals = [_ratio(r.curve[-1], clean[r.seed].curve[-1]) for r in rs]
-        peaks = [_ratio(max(r.curve[start:]), max(clean[r.seed].curve[start:])) for r in rs]
+        finals = [ratio(r.curve[-1], clean[r.seed].curve[-1]) for r in rs]
+        peaks = [ratio(max(r.curve[start:]), max(clean[r.seed].curve[start:])) for r in rs]
         rec = [steps_to_recover(r.curve, clean[r.seed].curve, start) for r in rs]
         done = [s for s in rec if s is not None]
         inter = [interventions(r, start, length) for r in rs]
@@ -146,17 +148,13 @@ def write_curves(path: str, task: str, clean: dict[int, Run], runs: list[Run]) -
         writer = csv.writer(f)
         writer.writerow(["task", "arm", "seed", "step", "probe_loss", "param_norm", "decision",
                          "innovation", "threshold"])
-        for r in [*(_as("clean", c) for c in clean.values()), *runs]:
+        for r in [*(dataclasses.replace(c, arm="clean") for c in clean.values()), *runs]:
             by_step = {e.step: e for e in r.events}
             for t, (y, n) in enumerate(zip(r.curve, r.param_norm)):
                 e = by_step.get(t)
                 writer.writerow([task, r.arm, r.seed, t, y, n, e.decision if e else "",
                                  "" if e is None or e.innovation is None else e.innovation,
                                  "" if e is None or e.threshold is None else e.threshold])
-
-
-def _as(arm: str, run: Run) -> Run:
-    return Run(arm, run.seed, run.curve, run.param_norm, run.events, run.stats)
 
 
 _STYLES = ("-", "--", "-.", ":")

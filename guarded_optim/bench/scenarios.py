@@ -144,8 +144,8 @@ def _curvature(task: Task) -> list:
 #: training loss, which needs the user's closure to call ``ewc_penalty(opt)``; ``FisherDrift``
 #: has none until its ``tau`` is calibrated (see the README).
 ABLATIONS: dict[str, Wrap] = {
-    "default": _ablation(default_signals),
-    "-probe": _ablation(default_signals, probe=False),
+    "default": ARMS["guarded_probe"],
+    "-probe": ARMS["guarded_signals"],
     "-nonfinite": _ablation(_without("nonfinite")),
     "-gradient": _ablation(_without("gradient")),
     "-probe-loss": _ablation(_without("loss"), probe=False),   # the probe default lacks it
@@ -194,7 +194,7 @@ def run_arm(task_name: str, arm: str, seed: int, steps: int, faults: FaultSchedu
     if wrap is not None:
         opt = wrap(task, opt)
         opt.callbacks.append(events.append)
-    params = [p for p in task.model.parameters()]
+    params = list(task.model.parameters())
     norms: list[float] = []
     curve = train(task, opt, steps, faults,
                   on_step=lambda t: norms.append(float(global_norm([p.detach() for p in params]))))
