@@ -64,7 +64,20 @@ def event_scalars(event: StepEvent) -> dict[str, float]:
     return out
 
 
-class CSVSink:
+class _ClosingSink:
+    """``with Sink(...) as sink:`` closes the sink (what it opened) on exit."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class CSVSink(_ClosingSink):
     """Write one CSV row per :class:`StepEvent`: ``callbacks=[CSVSink("guard.csv")]``.
 
     Columns: ``step``, ``decision`` (text), ``decision_code`` (:data:`DECISION_CODES`),
@@ -138,14 +151,8 @@ class CSVSink:
             self._file.close()
         self._file = None
 
-    def __enter__(self) -> "CSVSink":
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class TensorBoardSink:
+class TensorBoardSink(_ClosingSink):
     """Log each :class:`StepEvent` as TensorBoard scalars: ``callbacks=[TensorBoardSink("runs/x")]``.
 
     Tags are ``<prefix>innovation``, ``threshold``, ``y``, ``yhat``, ``grad_norm`` (on the
@@ -193,9 +200,3 @@ class TensorBoardSink:
         if self._owned:
             self.writer.close()
         self.writer = None
-
-    def __enter__(self) -> "TensorBoardSink":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

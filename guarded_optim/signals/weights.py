@@ -277,8 +277,9 @@ class EffectiveRank:
             if p.dim() != 2 or min(p.shape) < 2:
                 continue
             w = p.detach().float()
-            finite = torch.isfinite(w).all()
-            w = torch.where(torch.isfinite(w), w, 0.0)
+            mask = torch.isfinite(w)
+            finite = mask.all()
+            w = torch.where(mask, w, 0.0)
             s = torch.linalg.svdvals(w / w.abs().amax().clamp_min(1e-30))
             q = s / s.sum().clamp_min(1e-30)
             rank = torch.exp(-torch.special.xlogy(q, q).sum()) / min(p.shape)
