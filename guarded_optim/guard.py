@@ -14,39 +14,49 @@ One call of ``step()``:
    accepted state. Otherwise roll back to the safe snapshot; ``yhat`` is unchanged.
 
 Invariants (tested): every accepted measured step satisfies ``y <= yhat + epsilon_t``
-(Theorem 7.3); after a rollback params, optimizer state, buffers and RNG equal the last
-accepted state bit for bit (Proposition 7.4); with a fixed ``epsilon``,
-``max_k y(theta_k) <= y(theta_0) + t * epsilon`` (Proposition 7.5). The one departure from
+(Theorem 7.3); after a rollback params, optimizer state and buffers equal the last
+accepted state bit for bit (Proposition 7.4), while the RNG streams move on (a rollback
+never replays the batch or the dropout masks that caused it: :mod:`.rng`); with a fixed
+``epsilon``, ``max_k y(theta_k) <= y(theta_0) + t * epsilon`` (Proposition 7.5); a run in
+which the guard never intervenes is bit-identical to the bare optimizer's; a ``step()``
+that raises leaves counters, parameters and state as they were. The one departure from
 Algorithm 1 is the deadlock escape: after ``max_consecutive_rejections`` rejections in a
-row the guard first rolls back to an older verified snapshot, and when none is left it
-re-baselines ``yhat`` on the latest measurement (both counted in ``stats`` and reported as
-events). ``max_consecutive_rejections=None`` gives Algorithm 1 exactly.
+row the guard first rolls back to an older verified snapshot (if ``history`` keeps any),
+and when none is left it re-baselines ``yhat`` on the latest measurement (both counted in
+``stats``, logged and reported as events). ``max_consecutive_rejections=None`` gives
+Algorithm 1 exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import math
+import warnings
 from typing import Any, Callable, Iterable
 
 import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
+from . import rng, validation
 from .distributed import (AUTO, agree, agree_mean, check_world_size, full_value, pack,
                           resolve_group, world_size)
 from .events import StepEvent
 from .innovation import FixedThreshold, RelativeThreshold, Threshold, accepts, ewma, innovation
+from .logs import RateLimitedLog
 from .policy import Decision, RecoveryAction
 from .signals import StepMeasurement, Verdict, default_signals, global_grad_norm
 from .signals.probe import ProbeError, call_probe, check_initial, measure_probe
-from .snapshot import Snapshot, SnapshotRing, capture_rng, restore_rng
+from .snapshot import MODES, Snapshot, SnapshotRing
 
 __all__ = ["GuardedOptimizer"]
 
-_STATE_VERSION = 1
-
-
+_STATE_VERSION = 2
+_DECISIONS = (None, "accept", "skip", "rollback")
+_COUNTERS = ("_t", "_unverified", "_consecutive", "_since_push", "_in_row", "yhat",
+             "last_decision", "last_event", "_live_is_safe")
 def amp_unscale(grads: list[torch.Tensor], grad_scale: torch.Tensor) -> torch.Tensor:
     """Divide ``grads`` by ``grad_scale`` in place; return ``found_inf`` (1.0 if any is non-finite).
 
@@ -87,6 +97,41 @@ def _replay(loss: Any, closure: Callable | None) -> Callable | None:
     return cached
 
 
+
+@contextlib.contextmanager
+def _global_step_hooks_muted():
+    """Run the inner optimizer's ``step`` without torch's global step hooks: they fire once
+    per ``guard.step()``, with the guard as ``opt`` (the inner optimizer's own hooks still
+    fire). Free when no global hook is registered."""
+    hooks = (_global_optimizer_pre_hooks, _global_optimizer_post_hooks)
+    if not any(hooks):
+        yield
+        return
+    saved = [dict(h) for h in hooks]
+    for h in hooks:
+        h.clear()
+    try:
+        yield
+    finally:
+        for h, s in zip(hooks, saved):
+            added = dict(h)
+            h.clear()
+            h.update(s)
+            h.update(added)
+
+
+def _is_signal(x: Any) -> bool:
+    return callable(getattr(x, "measure", None)) and getattr(x, "phase", None) in ("before", "after")
+
+
+def _is_threshold(x: Any) -> bool:
+    return callable(x) and callable(getattr(x, "update", None))
+
+
+def _is_action(x: Any) -> bool:
+    return isinstance(x, RecoveryAction) or callable(getattr(x, "on_rollback", None))
+
+
 class GuardedOptimizer(Optimizer):
     r"""Wrap ``optimizer`` so that a step that wrecks the run is skipped or rolled back.
 
@@ -95,23 +140,35 @@ class GuardedOptimizer(Optimizer):
             ``state`` *are* the guard's: schedulers, ``add_param_group`` and checkpoint code
             act on the real thing.
         probe: zero-argument callable returning a scalar loss on a small fixed held-out set,
-            evaluated under ``torch.no_grad()`` on the proposed parameters. ``None``: no
-            probe; only the pre-step signals guard the run (skips, no rollbacks).
+            *lower is better* (with ``maximize=True`` return the negated objective),
+            evaluated under ``torch.no_grad()`` on the proposed parameters, on a copy of the
+            RNG streams (it never consumes yours). ``None``: no probe; the default signals
+            still skip bad gradients and roll back damaged weights or optimizer state.
         module: the model. Its buffers (BatchNorm statistics) join the snapshot and the probe
-            runs in eval mode (each submodule's mode is restored afterwards).
+            runs in eval mode (each submodule's mode is restored afterwards). Without it a
+            probe runs in the mode the model is in (dropout active, BatchNorm statistics
+            updated by the probe).
         epsilon: absolute threshold on the innovation (the paper's ``epsilon``), ``> 0``.
-            ``None`` (default): the scale-aware :class:`RelativeThreshold`.
+            ``None`` (default): the scale-aware :class:`RelativeThreshold`. Needs a probe.
         threshold: a threshold object instead of ``epsilon`` (see :mod:`.innovation`).
         alpha: EWMA factor of ``yhat`` in ``(0, 1)`` (default 0.1, as in the paper).
         probe_every: measure every ``k``-th applied step; a failed measurement rolls back the
             ``k`` unverified steps to the last verified state.
-        signals: pre-step signals (default: :class:`NonFinite`, :class:`GradientSpike`).
+        signals: a list of signals (default :func:`~guarded_optim.signals.default_signals`:
+            :class:`NonFinite` and :class:`GradientSpike` skip before the step;
+            :class:`NonFiniteWeights`, :class:`WeightNorm` and :class:`OptimizerStateHealth`
+            roll back after it; without a probe also :class:`LossSpike`).
         max_consecutive_rejections: escalate after this many rejections in a row (see the
             module docstring); ``None`` never escalates.
-        history: how many older verified snapshots to keep for escalation (0: none).
+        history: how many older verified snapshots to keep for escalation (default 0: one
+            copy of the training state in all; each entry costs one more copy).
+        save_history: whether ``state_dict()`` saves those older snapshots too (default
+            ``False``: a resumed run starts with an empty history).
         checkpoint_every: accepted measured steps between two pushes into that history.
         snapshot: ``"auto"``, ``"device"`` or ``"host"`` (see :mod:`.snapshot`).
-        callbacks: callables receiving a :class:`StepEvent` for every ``step()``.
+        callbacks: a list of callables receiving a :class:`StepEvent` after every completed
+            ``step()`` (e.g. ``[CSVSink("guard.csv")]``). A callback that raises does not undo
+            the step: it was applied and committed; the error propagates to the caller.
         recovery: healing actions run after rollbacks (:mod:`.policy`: ``ReduceLR``,
             ``Escape``, or ``arc_recovery()``). Default: none, so the guard never changes
             the optimisation itself; every action it takes is reported in the events.
@@ -127,7 +184,14 @@ class GuardedOptimizer(Optimizer):
     off as usual.
 
     ``opt.last_decision`` is ``"accept"``, ``"rollback"`` or ``"skip"``; ``opt.stats`` counts
-    them (plain ints). Step post-hooks fire only for accepted steps.
+    them (plain ints); every skip, rollback, escalation and re-baseline is also a record of
+    the ``"guarded_optim"`` logger (:mod:`.logs`). Step hooks (global and the guard's own)
+    fire once per ``step()`` with the guard as ``opt``; post-hooks only for applied steps.
+
+    ``state_dict()`` is the inner optimizer's own layout plus one key, ``"guard"``: a bare
+    optimizer of the inner class loads it unchanged. It carries the RNG states of this rank,
+    which ``load_state_dict`` does not impose on the process: call
+    :meth:`restore_rng_state` for a bit-identical resume.
     """
 
     _initialising = False
@@ -145,39 +209,59 @@ class GuardedOptimizer(Optimizer):
         probe_every: int = 1,
         signals: Iterable[Any] | None = None,
         max_consecutive_rejections: int | None = 20,
-        history: int = 3,
+        history: int = 0,
         checkpoint_every: int = 50,
+        save_history: bool = False,
         snapshot: str = "auto",
         callbacks: Iterable[Callable[[StepEvent], None]] = (),
         recovery: Iterable[RecoveryAction] = (),
         process_group: Any = AUTO,
     ):
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got "
-                            f"{type(optimizer).__name__}; pass e.g. torch.optim.AdamW(params).")
         if isinstance(optimizer, GuardedOptimizer):
             raise TypeError("optimizer is already a GuardedOptimizer; wrap the inner optimizer once.")
-        if probe is not None and not callable(probe):
-            raise TypeError(f"probe must be callable (zero arguments), got {type(probe).__name__}.")
-        if module is not None and not isinstance(module, torch.nn.Module):
-            raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}.")
+        validation.instance("optimizer", optimizer, lambda x: isinstance(x, Optimizer),
+                            "a torch.optim.Optimizer, e.g. torch.optim.AdamW(model.parameters())")
+        if probe is not None:
+            validation.instance("probe", probe, callable, "a zero-argument callable returning "
+                                "a scalar loss, e.g. probe=lambda: loss_fn(model(x_val), y_val)")
+        if module is not None:
+            validation.instance("module", module, lambda x: isinstance(x, torch.nn.Module),
+                                "a torch.nn.Module (the model)")
         if epsilon is not None and threshold is not None:
             raise ValueError("Pass either epsilon= (absolute) or threshold=, not both.")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha < 1.0:
-            raise ValueError(f"Invalid alpha: {alpha!r}; the EWMA factor must lie in (0, 1), e.g. 0.1.")
-        if isinstance(probe_every, bool) or not isinstance(probe_every, int) or probe_every < 1:
-            raise ValueError(f"Invalid probe_every: {probe_every!r}; it must be an int >= 1 "
-                             "(1 measures every step).")
-        if max_consecutive_rejections is not None and (
-                not isinstance(max_consecutive_rejections, int) or max_consecutive_rejections < 1):
-            raise ValueError(f"Invalid max_consecutive_rejections: {max_consecutive_rejections!r}; "
-                             "use an int >= 1, or None to never escalate.")
-        if not isinstance(history, int) or history < 0:
-            raise ValueError(f"Invalid history: {history!r}; it must be an int >= 0.")
-        if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
-            raise ValueError(f"Invalid checkpoint_every: {checkpoint_every!r}; it must be an int >= 1.")
-
+        if epsilon is not None:
+            epsilon = validation.real("epsilon", epsilon, low=0, low_open=True,
+                                      hint="e.g. epsilon=0.1, or None for the scale-aware default.")
+        if threshold is not None:
+            validation.instance("threshold", threshold, _is_threshold, "a threshold object "
+                                "such as RelativeThreshold() or FixedThreshold(0.1); for a "
+                                "number use epsilon=")
+        alpha = validation.real("alpha", alpha, low=0, high=1, low_open=True, high_open=True,
+                                hint="The EWMA factor, e.g. 0.1.")
+        probe_every = validation.integer("probe_every", probe_every, low=1,
+                                         hint="1 measures every step.")
+        max_consecutive_rejections = validation.integer(
+            "max_consecutive_rejections", max_consecutive_rejections, low=1, none=True,
+            hint="None never escalates.")
+        history = validation.integer("history", history, low=0, hint="0 keeps no older snapshot.")
+        checkpoint_every = validation.integer("checkpoint_every", checkpoint_every, low=1)
+        if not isinstance(save_history, bool):
+            raise ValueError(f"Invalid save_history: {save_history!r}; pass True or False.")
+        if snapshot not in MODES:
+            raise ValueError(f"Invalid snapshot: {snapshot!r}; choose one of {MODES}.")
+        signals = (default_signals(probe is not None) if signals is None else
+                   validation.items("signals", signals, _is_signal, "signal instances",
+                                    "[NonFinite(), GradientSpike()]"))
+        names = [s.name for s in signals]
+        if len(set(names)) != len(names):
+            raise ValueError(f"signals must have distinct names, got {names}.")
+        callbacks = validation.items("callbacks", callbacks, callable, "callables",
+                                     '[CSVSink("guard.csv")]')
+        recovery = validation.items("recovery", recovery, _is_action, "RecoveryAction instances",
+                                    "[ReduceLR()]")
         resolve_group(process_group)  # validates; resolved again at every use ("auto")
+        self._warn_on_mismatch(optimizer, probe, module, epsilon, threshold)
+
         self.process_group = process_group
         self.inner = optimizer
         self._initialising = True
@@ -186,28 +270,45 @@ class GuardedOptimizer(Optimizer):
         finally:
             self._initialising = False
 
-        self.probe, self.module, self.alpha, self.probe_every = probe, module, float(alpha), probe_every
+        self.probe, self.module, self.alpha, self.probe_every = probe, module, alpha, probe_every
         self.threshold: Threshold = (threshold if threshold is not None else
                                      FixedThreshold(epsilon) if epsilon is not None else
                                      RelativeThreshold())
-        self.signals = list(default_signals(probe is not None) if signals is None else signals)
-        names = [s.name for s in self.signals]
-        if len(set(names)) != len(names):
-            raise ValueError(f"signals must have distinct names, got {names}.")
-        for sig in self.signals:
-            if getattr(sig, "phase", None) not in ("before", "after"):
-                raise ValueError(f"signal {sig!r} must have phase 'before' or 'after'.")
+        self.signals = signals
         self.max_consecutive_rejections = max_consecutive_rejections
-        self.checkpoint_every = checkpoint_every
-        self.callbacks = list(callbacks)
-        self.recovery = list(recovery)
-
-        self._make_snapshot = lambda: Snapshot(optimizer, module, mode=snapshot)  # noqa: E731
-        self._ring = SnapshotRing(history, self._make_snapshot)
+        self.checkpoint_every, self.save_history = checkpoint_every, save_history
+        self.callbacks = callbacks
+        self.recovery = recovery
+        self._snapshot_mode = snapshot
+        self._ring = SnapshotRing(history, self._new_snapshot)
+        self._log = RateLimitedLog()
         self._initial = copy.deepcopy((self.threshold.state_dict(),
                                        [s.state_dict() for s in self.signals],
                                        [a.state_dict() for a in self.recovery]))
         self._reset_guard_state()
+
+    @staticmethod
+    def _warn_on_mismatch(optimizer, probe, module, epsilon, threshold) -> None:
+        """Arguments that are valid but probably not what the user meant."""
+        if probe is None and (epsilon is not None or threshold is not None):
+            warnings.warn("epsilon/threshold bound the probe's innovation, but no probe was "
+                          "given, so they have no effect; pass probe=... or drop them.",
+                          UserWarning, stacklevel=3)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        if module is not None and params:
+            owned = {id(p) for p in module.parameters()}
+            if not any(id(p) in owned for p in params):
+                warnings.warn("module= owns none of the optimizer's parameters: its buffers "
+                              "are snapshotted and its mode switched for the probe, but it is "
+                              "not the model being optimized; pass module=model.",
+                              UserWarning, stacklevel=3)
+        if probe is not None and any(g.get("maximize", False) for g in optimizer.param_groups):
+            warnings.warn("a param group has maximize=True, but the probe is lower-is-better: "
+                          "return the negated objective from probe (e.g. lambda: -reward()), "
+                          "or every improvement reads as a rejection.", UserWarning, stacklevel=3)
+
+    def _new_snapshot(self) -> Snapshot:
+        return Snapshot(self.inner, self.module, mode=self._snapshot_mode)
 
     @property
     def _pre(self) -> list:
@@ -222,13 +323,20 @@ class GuardedOptimizer(Optimizer):
         """Rollback needs snapshots: a probe, or any signal that can issue FAILURE."""
         return self.probe is not None or any(s.verdict is Verdict.FAILURE for s in self.signals)
 
+    def _on_meta(self) -> bool:
+        """Meta parameters hold no values: the guard then steps exactly as the bare optimizer."""
+        for g in self.param_groups:
+            for p in g["params"]:
+                return p.is_meta
+        return False
+
     def _reset_guard_state(self) -> None:
         """Fresh guard: no reference, counters at zero, theta_safe <- theta_0 (Algorithm 1, l. 3).
 
-        Both happen here, before any forward pass moves BatchNorm statistics or the RNG, so
-        a broken probe fails now, with nothing changed. If the weights change before the
-        first ``step()`` (a checkpoint loaded after construction), that step measures and
-        captures again.
+        Both happen here, before any forward pass moves BatchNorm statistics, so a broken
+        probe fails now, with nothing changed. If the weights are written before the first
+        ``step()`` (a checkpoint loaded after construction), that step measures and
+        captures again, before its forward pass (seen from the tensors' write counters).
         """
         threshold, signals, recovery = copy.deepcopy(self._initial)
         self.threshold.load_state_dict(threshold)
@@ -237,21 +345,24 @@ class GuardedOptimizer(Optimizer):
         for a, sd in zip(self.recovery, recovery):
             a.load_state_dict(sd)
         self._ring.drop_from(-1)
-        self._safe = self._make_snapshot()
+        self._safe = self._new_snapshot()
         self._reset_counters()
-        if self._uses_snapshots:
-            self._measure_reference()
+        self._pending: str | None = "reference"   # what the next step() must settle first
+        if self._uses_snapshots and not self._on_meta():
+            self._take_reference()
 
     def _reset_counters(self) -> None:
         self.yhat: float | None = None     #: EWMA of accepted probe measurements
         self.y0: float | None = None       #: the first probe measurement
         self.last_decision: str | None = None
         self.last_event: StepEvent | None = None
-        self._t = 0                        # calls of step()
+        self._t = 0                        # completed calls of step()
         self._unverified = 0               # applied steps since the last verified state
         self._consecutive = 0              # rejections in a row
         self._since_push = 0               # accepted measurements since the last ring push
         self._in_row = 0                   # rollbacks since the last healthy applied step
+        self._live_is_safe = True          # the live state equals the safe snapshot
+        self._restores = 0                 # restores of the safe snapshot, ever
         self.stats: dict[str, int] = {
             "steps": 0, "accepted": 0, "rollbacks": 0, "skipped": 0, "measured": 0,
             "escalations": 0, "rebaselines": 0, "escapes": 0, "skipped_amp_overflow": 0,
@@ -293,6 +404,19 @@ class GuardedOptimizer(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
 
+    def __deepcopy__(self, memo: dict) -> "GuardedOptimizer":
+        """An independent copy: its own inner optimizer, parameters and snapshots. A probe or
+        callback that Python cannot copy (a function) is shared: if it reads the original
+        model, give the copy its own (``copy.probe = ...``)."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        if self.probe is not None and new.probe is self.probe:
+            warnings.warn("copy.deepcopy(guard): the copy shares the original's probe function; "
+                          "if it evaluates the original model, set copy.probe to one that "
+                          "evaluates the copy.", UserWarning, stacklevel=2)
+        return new
+
     def __repr__(self) -> str:
         return (f"GuardedOptimizer({self.inner!r},\n  threshold={self.threshold!r}, "
                 f"alpha={self.alpha}, probe_every={self.probe_every}, signals={self.signals!r})")
@@ -307,26 +431,43 @@ class GuardedOptimizer(Optimizer):
                 args, kwargs = result
                 closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
         with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
-            if (self.probe is not None and self.yhat is None) or (
-                    self._t == 0 and self._uses_snapshots and not self._safe.matches_live_params()):
-                self._measure_reference()  # before the closure's forward moves anything
-            loss = None
-            if closure is not None:
-                with torch.enable_grad():
-                    loss = closure()
-            decision = self._guarded_step(loss, closure)
+            if self._on_meta():
+                with _global_step_hooks_muted():
+                    loss = self.inner.step(closure)
+                event = None
+            else:
+                loss, event = self._transaction(closure)
             self._optimizer_step_code()
-        if decision is Decision.ACCEPT:
+        if event is None or event.decision == Decision.ACCEPT.value:
             for hook in (*self._optimizer_step_post_hooks.values(), *_global_optimizer_post_hooks.values()):
                 hook(self, args, kwargs)
+        if event is not None:
+            for callback in self.callbacks:   # the step is committed: an error here undoes nothing
+                callback(event)
         return loss
 
     step.hooked = True  # type: ignore[attr-defined]  # hooks run above, post-hooks on accept only
 
-    def _guarded_step(self, loss: Any, closure: Callable | None) -> Decision:
+    def _transaction(self, closure: Callable | None) -> tuple[Any, StepEvent]:
+        """One guarded step that either completes or leaves the guard as it was."""
+        saved = {k: getattr(self, k) for k in _COUNTERS}, dict(self.stats)
+        restores = self._restores
+        try:
+            self._settle_pending()   # before the closure's forward moves anything
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            return loss, self._guarded_step(loss, closure)
+        except BaseException:
+            self.__dict__.update(saved[0])
+            self.stats = saved[1]
+            if self._restores != restores:   # the failed call rolled back to the verified state
+                self._unverified, self._live_is_safe = 0, True
+            raise
+
+    def _guarded_step(self, loss: Any, closure: Callable | None) -> StepEvent:
         t = self._t
-        self._t += 1
-        self.stats["steps"] += 1
         pre, post = self._pre, self._post
 
         # 1. measure before proposing (and, while proposals are unverified, the live state's
@@ -356,20 +497,16 @@ class GuardedOptimizer(Optimizer):
             return self._fail(damaged, None, event)
         self._observe(checked, m, True, state_fired)
         if self._needs_verification_capture():
-            self._verify()        # no probe: the flags just read verified the live state
+            self._verify(t)       # no probe: the flags just read verified the live state
         if overflowed:            # GradScaler's inf/NaN: its own skip; signals learn nothing
             self.stats["skipped_amp_overflow"] += 1
-            self.stats["skipped"] += 1
-            event.reason = "amp_overflow"
-            return self._finish(Decision.SKIP, event)
+            return self._skip("amp_overflow", event)
         names = [s.name for s, f in zip(pre, fired) if f]
         if names:
             self._observe(pre, m, False, fired)
             for name in names:
                 self.stats[f"skipped_{name}"] += 1
-            self.stats["skipped"] += 1
-            event.reason = ",".join(names)
-            return self._finish(Decision.SKIP, event)
+            return self._skip(",".join(names), event)
 
         # 2. propose
         self._safe.wait()
@@ -377,6 +514,7 @@ class GuardedOptimizer(Optimizer):
             a.before_propose(self, m.grad_norm)
         self._propose(_replay(loss, closure))
         self._unverified += 1
+        self._live_is_safe = False
         if self.probe is None or self._unverified < self.probe_every:
             self._observe(pre, m, True, fired)
             self._healthy()
@@ -389,8 +527,7 @@ class GuardedOptimizer(Optimizer):
         try:
             raw = call_probe(self.probe, self.module)
         except ProbeError:
-            self._safe.restore()  # never leave an unmeasured proposal behind
-            self._unverified = 0
+            self._restore()  # never leave an unmeasured proposal behind
             raise
         parts = [torch.as_tensor(raw).detach().to(device, torch.float64).reshape(1)]
         parts += [f.to(device, torch.float64).reshape(1) for f in post_flags]
@@ -411,7 +548,7 @@ class GuardedOptimizer(Optimizer):
         self.yhat = ewma(self.yhat, y, self.alpha)   # accepted: Algorithm 1, lines 9-12
         self.threshold.update(nu)
         self._consecutive = 0
-        self._verify()
+        self._verify(t + 1)
         self._healthy()
         self.stats["accepted"] += 1
         return self._finish(Decision.ACCEPT, event)
@@ -419,14 +556,12 @@ class GuardedOptimizer(Optimizer):
     def _propose(self, closure: Callable | None) -> None:
         """``inner.step()``, with the recovery actions' LR scale applied around it only."""
         scale = math.prod(a.lr_scale() for a in self.recovery)
-        if scale == 1.0:
-            self.inner.step(closure)
-            return
-        base = [g["lr"] for g in self.param_groups]
+        base = [g["lr"] for g in self.param_groups] if scale != 1.0 else []
         for g, lr in zip(self.param_groups, base):
             g["lr"] = lr * scale
         try:
-            self.inner.step(closure)
+            with _global_step_hooks_muted():
+                self.inner.step(closure)
         finally:
             for g, lr in zip(self.param_groups, base):
                 g["lr"] = lr
@@ -440,16 +575,29 @@ class GuardedOptimizer(Optimizer):
         return (self.probe is None and self._uses_snapshots
                 and self._unverified >= self.probe_every)
 
-    def _verify(self) -> None:
+    def _verify(self, step: int) -> None:
         """The live state is verified: it becomes the safe snapshot (and now and then a ring entry)."""
         self._unverified = 0
-        self._safe.capture(self._t, yhat=self.yhat)
+        self._safe.capture(step, yhat=self.yhat)
+        self._live_is_safe = True
         self._since_push += 1
         if self._since_push >= self.checkpoint_every or any(a.wants_checkpoint(self) for a in self.recovery):
             self._ring.push(self._safe)
             self._since_push = 0
 
-    def _fail(self, reasons: list[str], y: float | None, event: StepEvent) -> Decision:
+    def _restore(self) -> None:
+        """Put the safe snapshot back into the live state (RNG streams are left alone)."""
+        self._safe.restore()
+        self._unverified = 0
+        self._live_is_safe = True
+        self._restores += 1
+
+    def _skip(self, reason: str, event: StepEvent) -> StepEvent:
+        self.stats["skipped"] += 1
+        event.reason = reason
+        return self._finish(Decision.SKIP, event)
+
+    def _fail(self, reasons: list[str], y: float | None, event: StepEvent) -> StepEvent:
         """FAILURE (a post-step signal, a pre-step loss spike) or a rejected probe: roll back."""
         self.stats["rollbacks"] += 1
         for name in reasons:
@@ -462,19 +610,33 @@ class GuardedOptimizer(Optimizer):
         self._in_row += 1
         for a in self.recovery:
             actions.append(a.on_rollback(self, self._in_row))
+            if actions[-1] is not None:
+                self._live_is_safe = False   # an action may have moved the restored weights
             if actions[-1] == "escape":
                 self.stats["escapes"] += 1
                 event.skip_batches = max(event.skip_batches, getattr(a, "skip_batches", 0))
         event.action = ",".join(a for a in actions if a) or None
         return self._finish(Decision.ROLLBACK, event)
 
-    def _measure_reference(self) -> None:
+    def _settle_pending(self) -> None:
+        """What a construction or a load left for the first step, before its forward pass:
+        the reference (re-measured if the weights were written since it was taken), or the
+        capture of a loaded checkpoint's live state as the safe snapshot."""
+        pending, self._pending = self._pending, None
+        if pending == "reference" and self._uses_snapshots and (
+                self._safe.written_since_capture() or (self.probe is not None and self.yhat is None)):
+            self._take_reference()
+        elif pending is not None and pending != "reference":   # ("capture", step, meta)
+            _, step, meta = pending
+            self._safe.capture(step, **meta)
+            self._live_is_safe = True
+
+    def _take_reference(self) -> None:
         """Algorithm 1, lines 2-3: ``yhat_0 = y(theta_0)`` (with a probe); theta_safe <- theta_0."""
         if self.probe is not None:
             self.y0 = self.yhat = check_initial(self._measure_probe())
-        if not (self._safe.captured and self._safe.matches_live_params()):
-            self._safe.capture(self._t)
-        self._safe.meta["yhat"] = self.yhat
+        self._safe.capture(self._t, yhat=self.yhat)
+        self._live_is_safe = True
 
     def _measure_probe(self) -> float:
         """One probe measurement outside the step's transfer, averaged over the ranks."""
@@ -498,53 +660,111 @@ class GuardedOptimizer(Optimizer):
         for s, f in zip(signals, fired):
             s.observe(m, applied, f)
 
-    def _rollback(self, y: float) -> str | None:
+    def _rollback(self, y: float | None) -> str | None:
         """Restore the safe snapshot; escalate when rejections keep coming. Returns the action."""
         self._consecutive += 1
-        self._unverified = 0
-        action = None
         limit = self.max_consecutive_rejections
-        if limit is not None and self._consecutive >= limit:
-            self._consecutive = 0
-            older = self._ring.newest_before(self._safe.step)
-            if older is not None:      # reach back past damage accepted earlier
-                self._ring.drop_from(older.step + 1)
-                self._safe.copy_from(older)
-                self.yhat = older.meta["yhat"]
-                self.stats["escalations"] += 1
-                action = "escalate"
-            elif y is None:            # nowhere older to go: the signals learn the new level
-                for sig in self.signals:
-                    getattr(sig, "rebase", lambda: None)()
-                self.stats["rebaselines"] += 1
-                action = "rebaseline"
-            else:                      # nowhere older to go: accept the new level of y
-                self._safe.restore()
+        if limit is None or self._consecutive < limit:
+            self._restore()
+            return None
+        self._consecutive = 0
+        older = self._ring.newest_before(self._safe.step)
+        if older is not None:      # reach back past damage accepted earlier
+            self._ring.drop_from(older.step + 1)
+            self._safe.copy_from(older)
+            self.yhat = older.meta["yhat"]
+            self.stats["escalations"] += 1
+            self._restore()
+            return "escalate"
+        self._restore()
+        if y is None:              # nowhere older to go: the signals learn the new level
+            for sig in self.signals:
+                getattr(sig, "rebase", lambda: None)()
+        else:                      # nowhere older to go: accept the new level of y
+            if not math.isfinite(y):
+                y = self._measure_probe()
                 if not math.isfinite(y):
-                    y = self._measure_probe()
-                    if not math.isfinite(y):
-                        raise ProbeError(
-                            f"probe returned {y} even at the last accepted state, where it was "
-                            "finite before: the probe itself is broken (state was rolled back).")
-                self.yhat = y
-                self.stats["rebaselines"] += 1
-                return "rebaseline"
-        self._safe.restore()
-        return action
+                    raise ProbeError(
+                        f"probe returned {y} even at the last accepted state, where it was "
+                        "finite before: the probe itself is broken (state was rolled back).")
+            self.yhat = y
+        self.stats["rebaselines"] += 1
+        return "rebaseline"
 
-    def _finish(self, decision: Decision, event: StepEvent) -> Decision:
+    def _finish(self, decision: Decision, event: StepEvent) -> StepEvent:
+        """Commit the step: its counters, its decision, and its log record."""
         event.decision = decision.value
+        self._t += 1
+        self.stats["steps"] += 1
         self.last_decision, self.last_event = decision.value, event
-        for callback in self.callbacks:
-            callback(event)
-        return decision
+        if decision is not Decision.ACCEPT:
+            self._log_event(event)
+        return event
+
+    def _log_event(self, e: StepEvent) -> None:
+        measured = "" if e.y is None else (f", probe {e.y:.4g} vs reference {e.yhat:.4g} "
+                                           f"(threshold +{e.threshold:.3g})")
+        grad = "" if e.grad_norm is None else f", gradient norm {e.grad_norm:.3g}"
+        if e.decision == Decision.SKIP.value:
+            level = logging.DEBUG if e.reason == "amp_overflow" else logging.INFO
+            self._log("skip", level, "step %d skipped (%s%s)", e.step, e.reason, grad)
+        else:
+            self._log("rollback", logging.INFO, "step %d rolled back to the state verified at "
+                      "step %d (%s%s%s)%s", e.step, self._safe.step, e.reason, measured, grad,
+                      f"; action: {e.action}" if e.action else "")
+        for kind in ("escalate", "rebaseline"):
+            if e.action and kind in e.action.split(","):
+                self._log(kind, logging.WARNING, "step %d: %d rejections in a row, %s (%s); "
+                          "stats: %s", e.step, self.max_consecutive_rejections or 0,
+                          "reached back to an older verified state" if kind == "escalate"
+                          else "re-based the reference on the new level", e.reason,
+                          {k: v for k, v in self.stats.items() if v})
 
     # -- state_dict ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """``{"inner": inner.state_dict(), "guard": {...}}``; plain data for ``weights_only=True``."""
+        """The inner optimizer's state_dict plus ``"guard"``: plain data (``weights_only=True``).
+
+        ``"guard"`` holds the EWMA reference, counters, the thresholds' and signals' state,
+        this rank's RNG states, the Fisher diagonal where the signals keep one, and the safe
+        snapshot -- recorded, not copied again, when it equals the live state (every step
+        that ended verified), so the checkpoint costs about what the bare optimizer's does.
+        Without a probe the live state is verified at the start of the next step; a
+        single-process guard does that check here instead, exactly as that step would.
+        Older verified states (``history``) are not saved.
+        """
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
-        guard = {
+        self._settle_verification()
+        sd = self.inner.state_dict()
+        sd["guard"] = self._guard_state_dict()
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
+        return sd
+
+    def _settle_verification(self) -> None:
+        """Without a probe: run the post-step signals on the live state now, as the next
+        step's start would, and on a healthy verdict verify it. Rank-local only (a collective
+        here would hang the common ``if rank == 0: save(opt.state_dict())``)."""
+        if (not self._needs_verification_capture() or self._on_meta()
+                or world_size(resolve_group(self.process_group)) > 1):
+            return
+        post = self._post
+        params = [p for g in self.param_groups for p in g["params"]]
+        device = params[0].device if params else torch.device("cpu")
+        m = StepMeasurement(self._t, torch.zeros((), device=device), None, self.inner)
+        flags = [s.measure(m) for s in post]
+        fired = [bool(v) for v in torch.stack([f.to(device).reshape(()) for f in flags]).tolist()] if flags else []
+        if not any(fired):
+            self._observe(post, m, True, fired)
+            self._verify(self._t)
+
+    def _guard_state_dict(self) -> dict[str, Any]:
+        loaded = isinstance(self._pending, tuple)   # a loaded live-is-safe state, not yet captured
+        live = loaded or (self._safe.captured and self._live_is_safe and self._pending is None)
+        step, meta = (self._pending[1:] if loaded else (self._safe.step, self._safe.meta))
+        return {
             "version": _STATE_VERSION,
             "shapes": [list(p.shape) for g in self.param_groups for p in g["params"]],
             "t": self._t, "yhat": self.yhat, "y0": self.y0,
@@ -554,107 +774,194 @@ class GuardedOptimizer(Optimizer):
             "threshold": self.threshold.state_dict(),
             "signals": {s.name: s.state_dict() for s in self.signals},
             "recovery": [a.state_dict() for a in self.recovery], "in_row": self._in_row,
-            "rng": capture_rng(),
-            "safe": self._safe.state_dict() if self._safe.captured else None,
-            "ring": self._ring.state_dict(),
+            "rng": rng.capture(),
+            "safe": None if live or not self._safe.captured else self._safe.state_dict(),
+            "safe_is_live": live,
+            "safe_step": step, "safe_meta": dict(meta),
+            "ring": self._ring.state_dict() if self.save_history else [],
             "world_size": world_size(resolve_group(self.process_group)),
         }
-        sd = {"inner": self.inner.state_dict(), "guard": guard}
-        for hook in self._optimizer_state_dict_post_hooks.values():
-            result = hook(self, sd)
-            if result is not None:
-                sd = result
-        return sd
+
+    def restore_rng_state(self, state_dict: dict[str, Any]) -> None:
+        """Set this process's RNG streams to those saved in ``state_dict`` (from
+        :meth:`state_dict` on this rank): with the model and optimizer loaded, training then
+        continues bit for bit as it would have. ``load_state_dict`` never does this by
+        itself. Raises ``ValueError`` for a state saved by another rank (save one file per
+        rank to resume each rank's streams)."""
+        guard = state_dict.get("guard") if isinstance(state_dict, dict) else None
+        state = guard.get("rng") if isinstance(guard, dict) else None
+        rng.check(state)
+        here = rng.capture()["rank"]
+        if int(state.get("rank", 0)) != here:
+            raise ValueError(f"state_dict['guard']['rng'] was saved by rank {state.get('rank')}, "
+                             f"this is rank {here}: each rank restores its own streams (save "
+                             "opt.state_dict() per rank, e.g. to f'opt_rank{rank}.pt').")
+        rng.restore(state)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a guarded state (or a plain optimizer's, which resets the guard).
 
-        Everything is checked and built before anything is changed: on error the optimizer,
-        the guard and the snapshots are exactly as before the call. The RNG states saved
-        with the guard are restored too, so a resumed run replays exactly.
+        Accepts this release's layout (the inner optimizer's plus ``"guard"``), 0.1.0's
+        (``{"inner", "guard"}``) and a bare optimizer's. Every part is checked (keys, types,
+        shapes, finite values, counters) before anything is changed: on error the optimizer,
+        the guard and the snapshots are exactly as before the call, and the message names
+        the offending key. RNG states are not touched (see :meth:`restore_rng_state`).
         """
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}.")
+        state_dict = dict(state_dict)
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        if not isinstance(state_dict, dict):
-            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}.")
-        if "inner" not in state_dict and {"state", "param_groups"} <= state_dict.keys():
+        if "guard" not in state_dict:
+            if "inner" in state_dict or not {"state", "param_groups"} <= state_dict.keys():
+                raise ValueError(f"state_dict has keys {sorted(state_dict)}; expected an "
+                                 "optimizer state_dict ('state', 'param_groups', and 'guard' "
+                                 "from GuardedOptimizer.state_dict()).")
+            self._check_inner(state_dict, "state_dict")
             self.inner.load_state_dict(state_dict)  # a bare optimizer's checkpoint
             self._reset_guard_state()
         else:
-            commit = self._prepare_guard_state(state_dict)
-            self.inner.load_state_dict(state_dict["inner"])  # validates before it mutates
+            if "inner" in state_dict:   # 0.1.0's layout
+                if set(state_dict) != {"inner", "guard"}:
+                    raise ValueError(f"state_dict has keys {sorted(state_dict)}; expected "
+                                     "'state', 'param_groups' and 'guard'.")
+                inner, key = state_dict["inner"], "state_dict['inner']"
+            else:
+                inner = {k: v for k, v in state_dict.items() if k != "guard"}
+                key = "state_dict"
+            if not isinstance(inner, dict) or not {"state", "param_groups"} <= inner.keys():
+                raise ValueError(f"{key} must hold the inner optimizer's 'state' and "
+                                 "'param_groups'; pass the unmodified output of state_dict().")
+            self._check_inner(inner, key)
+            commit = self._prepare_guard_state(state_dict["guard"])
+            self.inner.load_state_dict(inner)  # validates before it mutates
             commit()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
-    def _prepare_guard_state(self, state_dict: dict[str, Any]) -> Callable[[], None]:
+    def _check_inner(self, inner: dict[str, Any], key: str) -> None:
+        """The inner optimizer's state values: finite, parameter-shaped, not negative."""
+        groups = inner["param_groups"]
+        if not isinstance(groups, list) or not all(isinstance(g, dict) and "params" in g for g in groups):
+            raise ValueError(f"{key}['param_groups'] must be a list of dicts with 'params'.")
+        ids = [i for g in groups for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        if len(ids) != len(params) or not isinstance(inner["state"], dict):
+            return  # torch's own load_state_dict reports the mismatch
+        position = {i: n for n, i in enumerate(ids)}
+        state = {}
+        for i, entry in inner["state"].items():
+            if i not in position:
+                raise ValueError(f"{key}['state'] has an entry for parameter id {i!r}, which no "
+                                 "param group lists; pass the unmodified state_dict.")
+            state[position[i]] = entry
+        validation.optimizer_state(f"{key}['state']", state, params)
+
+    def _prepare_guard_state(self, guard: Any) -> Callable[[], None]:
         """Validate ``state_dict["guard"]`` and build its objects; return what commits them."""
-        if set(state_dict) != {"inner", "guard"}:
-            raise ValueError(f"state_dict has keys {sorted(state_dict)}; expected 'inner' and "
-                             "'guard' (from GuardedOptimizer.state_dict()).")
-        guard = state_dict["guard"]
+        key = "state_dict['guard']"
         if not isinstance(guard, dict):
-            raise TypeError(f"state_dict['guard'] must be a dict, got {type(guard).__name__}.")
-        if guard.get("version") != _STATE_VERSION:
-            raise ValueError(f"state_dict guard version {guard.get('version')!r} is not "
-                             f"{_STATE_VERSION}; it was saved by another guarded_optim release.")
-        shapes = [list(p.shape) for g in self.param_groups for p in g["params"]]
-        check_world_size(guard.get("world_size"), world_size(resolve_group(self.process_group)),
-                         [p for g in self.param_groups for p in g["params"]])
+            raise TypeError(f"{key} must be a dict, got {type(guard).__name__}.")
+        version = guard.get("version")
+        if version not in (1, _STATE_VERSION):
+            raise ValueError(f"{key}['version'] is {version!r}, not 1 or {_STATE_VERSION}; it was "
+                             "saved by another guarded_optim release.")
+        params = [p for g in self.param_groups for p in g["params"]]
+        shapes = [list(p.shape) for p in params]
+        check_world_size(guard.get("world_size"), world_size(resolve_group(self.process_group)), params)
         try:
             if [list(s) for s in guard["shapes"]] != shapes:
                 raise ValueError(
                     f"state_dict does not match this optimizer's parameters: it was saved for "
                     f"shapes {guard['shapes']}, this optimizer has {shapes}; load a state_dict "
                     "saved from the same model and parameter groups.")
+            counters = {
+                attr: validation.integer(f"{key}[{name!r}]", guard[name], low=0)
+                for attr, name in (("_t", "t"), ("_unverified", "unverified"),
+                                   ("_consecutive", "consecutive"), ("_since_push", "since_push"),
+                                   ("_in_row", "in_row"))}
+            for name in ("yhat", "y0"):
+                if guard[name] is not None:
+                    counters[name] = validation.real(f"{key}[{name!r}]", guard[name])
+                else:
+                    counters[name] = None
+            if self.probe is not None and counters["yhat"] is None and self._uses_snapshots \
+                    and counters["_t"] > 0:
+                raise ValueError(f"{key}['yhat'] is None but this guard has a probe: the "
+                                 "state was saved by a guard without one; build it alike.")
+            if guard["last_decision"] not in _DECISIONS:
+                raise ValueError(f"{key}['last_decision'] is {guard['last_decision']!r}; "
+                                 f"expected one of {_DECISIONS}.")
+            stats = guard["stats"]
+            if not isinstance(stats, dict):
+                raise ValueError(f"{key}['stats'] must be a dict of counts.")
+            counters["stats"] = {**self.stats, **{
+                str(k): validation.integer(f"{key}['stats'][{k!r}]", v, low=0) for k, v in stats.items()}}
+            counters["last_decision"], counters["last_event"] = guard["last_decision"], None
             missing = {s.name for s in self.signals} - set(guard["signals"])
             if missing:
-                raise ValueError(f"state_dict has no state for signals {sorted(missing)}; build "
-                                 "the guard with the signals it was saved with.")
+                raise ValueError(f"{key}['signals'] has no state for signals {sorted(missing)}; "
+                                 "build the guard with the signals it was saved with.")
             threshold = copy.deepcopy(self.threshold)
             try:
                 threshold.load_state_dict(guard["threshold"])
             except KeyError as exc:
                 raise ValueError(
-                    f"state_dict['guard']['threshold'] {guard['threshold']} does not fit this "
-                    f"guard's threshold {self.threshold!r}; build the guard with the threshold "
-                    "(or epsilon) it was saved with.") from exc
+                    f"{key}['threshold'] {guard['threshold']} does not fit this guard's "
+                    f"threshold {self.threshold!r}; build the guard with the threshold (or "
+                    "epsilon) it was saved with.") from exc
             signals = [copy.deepcopy(s) for s in self.signals]
             for s in signals:
-                s.load_state_dict(guard["signals"][s.name])
+                state = guard["signals"][s.name]
+                _check_signal_state(f"{key}['signals'][{s.name!r}]", state)
+                s.load_state_dict(state)
             if len(guard["recovery"]) != len(self.recovery):
-                raise ValueError(f"state_dict has state for {len(guard['recovery'])} recovery "
-                                 f"actions, this guard has {len(self.recovery)}; build it with "
-                                 "the recovery actions it was saved with.")
+                raise ValueError(f"{key}['recovery'] has state for {len(guard['recovery'])} "
+                                 f"recovery actions, this guard has {len(self.recovery)}; build "
+                                 "it with the recovery actions it was saved with.")
             recovery = [copy.deepcopy(a) for a in self.recovery]
             for a, sd in zip(recovery, guard["recovery"]):
                 a.load_state_dict(sd)
-            safe = self._make_snapshot()
+            rng.check(guard["rng"], f"{key}['rng']")
+            safe = self._new_snapshot()
+            pending: Any = None
             if guard["safe"] is not None:
-                safe.check_state_dict(guard["safe"])
+                safe.check_state_dict(guard["safe"], f"{key}['safe']")
                 safe.load_state_dict(guard["safe"])
-            ring = SnapshotRing(self._ring.capacity, self._make_snapshot)
-            for sd in guard["ring"]:
-                safe.check_state_dict(sd)
-            ring.load_state_dict(guard["ring"])
-            counters = dict(
-                _t=int(guard["t"]), yhat=guard["yhat"], y0=guard["y0"],
-                _unverified=int(guard["unverified"]), _consecutive=int(guard["consecutive"]),
-                _since_push=int(guard["since_push"]), last_decision=guard["last_decision"],
-                _in_row=int(guard["in_row"]),
-                stats={**self.stats, **{k: int(v) for k, v in guard["stats"].items()}},
-                last_event=None)
-            rng = guard["rng"]
+            elif guard.get("safe_is_live", False):
+                step = validation.integer(f"{key}['safe_step']", guard["safe_step"], low=0)
+                meta = guard["safe_meta"]
+                if not isinstance(meta, dict):
+                    raise ValueError(f"{key}['safe_meta'] must be a dict.")
+                pending = ("capture", step, dict(meta))
+            elif self._uses_snapshots:
+                pending = "reference"
+            ring = SnapshotRing(self._ring.capacity, self._new_snapshot)
+            for i, sd in enumerate(guard.get("ring", ())):
+                safe.check_state_dict(sd, f"{key}['ring'][{i}]")
+            ring.load_state_dict(guard.get("ring", ()))
         except (KeyError, TypeError, AttributeError) as exc:
-            raise ValueError(f"state_dict['guard'] is malformed ({type(exc).__name__}: {exc}); "
-                             "pass the unmodified output of GuardedOptimizer.state_dict().") from exc
+            raise ValueError(f"{key} is malformed ({type(exc).__name__}: {exc}); pass the "
+                             "unmodified output of GuardedOptimizer.state_dict().") from exc
 
         def commit() -> None:
             self.threshold, self.signals, self.recovery = threshold, signals, recovery
-            self._safe, self._ring = safe, ring
+            self._safe, self._ring, self._pending = safe, ring, pending
+            self._live_is_safe = pending is not None and pending != "reference"
             self.__dict__.update(counters)
-            restore_rng(rng)
 
         return commit
+
+
+def _check_signal_state(key: str, state: Any) -> None:
+    """A signal's saved state: a dict whose tensors are finite (references are only ever
+    learnt from healthy steps)."""
+    if not isinstance(state, dict):
+        raise ValueError(f"{key} must be a dict, got {type(state).__name__}.")
+    for name, v in state.items():
+        if isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex()) \
+                and v.numel() and not bool(torch.isfinite(v).all()):
+            raise ValueError(f"{key}[{name!r}] holds NaN or Inf; a signal's reference is learnt "
+                             "from healthy steps only: the checkpoint is corrupt.")

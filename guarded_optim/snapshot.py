@@ -1,12 +1,15 @@
 """Exact copies of a training state, for rollback (paper 001, Assumption 7.1 and sec. 8.2).
 
 A :class:`Snapshot` holds the parameters, the inner optimizer's per-parameter state (every
-tensor, step counters included), the module's buffers (BatchNorm statistics) and the RNG
-states. Buffers are allocated once per layout and filled with ``torch._foreach_copy_``;
-``restore()`` writes them back bit for bit.
+tensor, step counters included) and the module's buffers (BatchNorm statistics). Buffers
+are allocated once per layout, in the live tensors' own dtypes (a bf16 parameter costs 2
+bytes), and filled with ``torch._foreach_copy_``; ``restore()`` writes them back bit for bit.
+RNG states are *not* part of a snapshot: a rollback moves the model back, never the data
+stream (see :mod:`.rng`).
 
 Invariant: after ``restore()`` the live state equals the state at the last ``capture()``
-exactly, and optimizer state that did not exist then (Adam's lazy state, a parameter group
+exactly (a parameter moved to another dtype or device since, by ``model.double()`` or
+``.to()``, is re-laid out at the next capture), and optimizer state that did not exist then (Adam's lazy state, a parameter group
 added later) is dropped. ``lr``, ``initial_lr`` and the rest of ``param_groups`` are never
 part of a snapshot: LR schedulers own them.
 
@@ -29,26 +32,9 @@ from typing import Any, Iterable
 
 import torch
 
-__all__ = ["Snapshot", "SnapshotRing", "MODES", "capture_rng", "restore_rng"]
+__all__ = ["Snapshot", "SnapshotRing", "MODES"]
 
 MODES = ("auto", "device", "host")
-
-
-def capture_rng() -> dict[str, Any]:
-    """The CPU RNG state, and every initialised CUDA device's, as plain tensors."""
-    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    """Inverse of :func:`capture_rng` (CUDA states only for devices present now)."""
-    torch.set_rng_state(state["cpu"])
-    cuda = state.get("cuda")
-    if cuda and torch.cuda.is_available():
-        for device, s in enumerate(cuda[: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(s, device)
 
 
 def _flat_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -66,6 +52,16 @@ def _locals(ts: list[torch.Tensor]) -> list[torch.Tensor]:
     return [_local(t) for t in ts] if any(hasattr(t, "to_local") for t in ts) else ts
 
 
+def _layout(tensors: list[torch.Tensor]) -> list[tuple]:
+    """Each tensor's dtype and device: a snapshot follows them (``model.double()``, ``.to()``)."""
+    return [(t.dtype, t.device) for t in tensors]
+
+
+def _versions(tensors: list[torch.Tensor]) -> list[int]:
+    """Each tensor's in-place write counter: any write (``copy_``, ``load_state_dict``) bumps it."""
+    return [_local(t)._version for t in tensors]
+
+
 def _fingerprint(optimizer: torch.optim.Optimizer, buffers: list[torch.Tensor]) -> tuple:
     """Cheap layout key: changes when params are added, state appears, or state is reloaded."""
     state = optimizer.state
@@ -76,29 +72,28 @@ def _fingerprint(optimizer: torch.optim.Optimizer, buffers: list[torch.Tensor]) 
 
 
 class Snapshot:
-    """A preallocated, bit-exact copy of params + optimizer state + buffers + RNG.
+    """A preallocated, bit-exact copy of params + optimizer state + buffers.
 
     Args:
         optimizer: the optimizer whose ``param_groups`` and ``state`` are copied.
         module: optional module whose ``buffers()`` join the snapshot.
         mode: ``"auto"``, ``"device"`` or ``"host"`` (see the module docstring).
-        rng: whether RNG states join the snapshot.
+
+    Copies (``copy.deepcopy``, pickling) are independent snapshots of the copied optimizer;
+    CUDA streams and events are not copied but made anew on first use.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, module: torch.nn.Module | None = None,
-                 mode: str = "auto", rng: bool = True):
+                 mode: str = "auto"):
         if mode not in MODES:
             raise ValueError(f"Invalid snapshot mode: {mode!r}; choose one of {MODES}.")
-        self.optimizer, self.module, self.rng = optimizer, module, rng
+        self.optimizer, self.module = optimizer, module
         params = _flat_params(optimizer)
         on_cuda = any(p.is_cuda for p in params)
         self.mode = ("host" if on_cuda else "device") if mode == "auto" else mode
         self._pin = self.mode == "host" and torch.cuda.is_available()
+        self._side = self.mode == "host" and on_cuda   # copies run on a side stream
         self._stream = self._event = None
-        if self.mode == "host" and on_cuda:
-            device = next(p.device for p in params if p.is_cuda)
-            self._stream = torch.cuda.Stream(device=device)
-            self._event = torch.cuda.Event()
         self.step = -1          #: the guard's step count at capture (-1: never captured)
         self.meta: dict[str, Any] = {}  #: plain values the owner stores with the state
         self._fp: tuple | None = None
@@ -113,13 +108,31 @@ class Snapshot:
         self._state_devices: list[torch.device] = []      # where each live state tensor lives
         self._buffers: list[torch.Tensor] = []
         self._saved_buffers: list[torch.Tensor] = []
-        self._rng_state: dict[str, Any] | None = None
+        self._param_layout: list[tuple] = []
+        self._param_versions: list[int] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_stream"] = state["_event"] = None   # made anew on first use
+        return state
+
+    def _side_stream(self):
+        """The side stream and its event (host mode on CUDA), made on first use."""
+        if self._stream is None:
+            device = next(p.device for p in _flat_params(self.optimizer) if p.is_cuda)
+            self._stream = torch.cuda.Stream(device=device)
+            self._event = torch.cuda.Event()
+        return self._stream
 
     # -- layout ---------------------------------------------------------------------------
-    def _alloc(self, t: torch.Tensor) -> torch.Tensor:
+    def _alloc(self, t: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+        """A buffer for ``t`` in its own dtype, beside it (``"device"``, or on ``device``) or
+        in host memory; only the shape is read, nothing is copied."""
         t = _local(t)
         if self.mode == "device":
-            return torch.empty_like(t, memory_format=torch.preserve_format)
+            if device is None or device == t.device:
+                return torch.empty_like(t, memory_format=torch.preserve_format)
+            return torch.empty(t.shape, dtype=t.dtype, device=device)
         return torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self._pin)
 
     def _live_buffers(self) -> list[torch.Tensor]:
@@ -148,6 +161,7 @@ class Snapshot:
         self._buffers = self._live_buffers()
         self._saved_buffers = [self._alloc(b) for b in self._buffers]
         self._fp = _fingerprint(opt, self._buffers)
+        self._param_layout = _layout(self._params)
         self._verify = 2
 
     def _gather_state(self) -> list[torch.Tensor] | None:
@@ -164,6 +178,8 @@ class Snapshot:
 
     def _stale(self) -> bool:
         if self._fp != _fingerprint(self.optimizer, self._buffers):
+            return True
+        if self._param_layout != _layout(self._params):   # model.double(), .to(device)
             return True
         state = self.optimizer.state  # a non-tensor entry that became a tensor (SGD momentum)
         return any(isinstance(state[self._params[i]].get(k), torch.Tensor)
@@ -188,12 +204,13 @@ class Snapshot:
                 self._live_state = live_state
         live = _locals(self._params) + _locals(self._live_state)
         saved = self._saved_params + self._saved_state
-        if self._stream is not None:
-            self._stream.wait_stream(torch.cuda.current_stream(self._stream.device))
-            with torch.cuda.stream(self._stream):
+        if self._side:
+            stream = self._side_stream()
+            stream.wait_stream(torch.cuda.current_stream(stream.device))
+            with torch.cuda.stream(stream):
                 if live:
                     torch._foreach_copy_(saved, live, non_blocking=True)
-            self._event.record(self._stream)
+            self._event.record(stream)
         elif live:
             torch._foreach_copy_(saved, live, non_blocking=self._pin)
         if self._buffers:
@@ -202,7 +219,7 @@ class Snapshot:
         for i, ks in self._others.items():
             entry = state[self._params[i]]
             self._others[i] = {k: copy.deepcopy(entry[k]) for k in ks if k in entry}
-        self._rng_state = capture_rng() if self.rng else None
+        self._param_versions = _versions(self._params)
         self.step, self.meta = step, dict(meta)
 
     def wait(self) -> None:
@@ -221,8 +238,15 @@ class Snapshot:
     def captured(self) -> bool:
         return self.step >= 0
 
+    def written_since_capture(self) -> bool:
+        """Whether anything wrote the live parameters since the last capture (a checkpoint
+        loaded, ``model.double()``): read from the tensors' write counters, no sync."""
+        params = _flat_params(self.optimizer)
+        return (not self.captured or len(params) != len(self._param_versions)
+                or _layout(params) != self._param_layout or _versions(params) != self._param_versions)
+
     def matches_live_params(self) -> bool:
-        """Whether the saved parameters equal the live ones (devices and values)."""
+        """Whether the saved parameters equal the live ones (devices and values). Syncs."""
         self.synchronize()
         live = _flat_params(self.optimizer)
         return len(live) == len(self._saved_params) and all(
@@ -248,8 +272,6 @@ class Snapshot:
             torch._foreach_copy_(self._buffers, self._saved_buffers, non_blocking=self._pin)
         for i, values in self._others.items():
             opt.state[self._params[i]].update(copy.deepcopy(values))
-        if self._rng_state is not None:
-            restore_rng(self._rng_state)
         fp = _fingerprint(opt, self._buffers)  # params added since capture: rebuild next time
         self._fp = fp if fp[3] == len(self._params) else None
 
@@ -316,7 +338,7 @@ class Snapshot:
                 if dst:
                     torch._foreach_copy_(dst, src)
         self._others = copy.deepcopy(other._others)
-        self._rng_state = copy.deepcopy(other._rng_state)
+        self._param_layout, self._param_versions = list(other._param_layout), list(other._param_versions)
         self._verify, self._regather = other._verify, other._regather
         self.step, self.meta = other.step, dict(other.meta)
 
@@ -341,27 +363,44 @@ class Snapshot:
         return {
             "step": self.step, "meta": dict(self.meta),
             "params": list(self._saved_params), "state": state,
-            "buffers": list(self._saved_buffers), "rng": self._rng_state,
+            "buffers": list(self._saved_buffers),
         }
 
-    def check_state_dict(self, sd: dict[str, Any]) -> None:
-        """Raise ``ValueError`` if ``sd`` does not fit the live parameters and buffers."""
+    def check_state_dict(self, sd: Any, key: str = "snapshot") -> None:
+        """Raise ``ValueError`` naming ``key`` unless ``sd`` is a :meth:`state_dict` that fits
+        the live parameters and buffers and holds finite, well-formed values."""
+        from .validation import optimizer_state, tensors_finite
+        if not isinstance(sd, dict) or not {"step", "meta", "params", "state", "buffers"} <= sd.keys():
+            raise ValueError(f"{key} must be a snapshot state (a dict with 'step', 'meta', "
+                             f"'params', 'state', 'buffers'), got {type(sd).__name__}; pass the "
+                             "unmodified state_dict.")
         params = _flat_params(self.optimizer)
         saved = sd["params"]
-        if len(saved) != len(params) or any(s.shape != _local(p).shape for s, p in zip(saved, params)):
+        if not isinstance(saved, (list, tuple)) or not all(isinstance(s, torch.Tensor) for s in saved) \
+                or len(saved) != len(params) or any(s.shape != _local(p).shape for s, p in zip(saved, params)):
+            shapes = [tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
+                      for s in saved][:4] if isinstance(saved, (list, tuple)) else saved
             raise ValueError(
-                "state_dict does not match this optimizer's parameters: the snapshot holds "
-                f"{len(saved)} tensors shaped {[tuple(s.shape) for s in saved][:4]}..., the "
-                f"optimizer has {len(params)} shaped {[tuple(p.shape) for p in params][:4]}...; "
-                "load a state_dict saved from the same model and parameter groups."
-            )
+                f"{key}['params'] does not match this optimizer's parameters: it holds "
+                f"{len(saved) if isinstance(saved, (list, tuple)) else '?'} tensors shaped "
+                f"{shapes}..., the optimizer has {len(params)} shaped "
+                f"{[tuple(p.shape) for p in params][:4]}...; load a state_dict saved from the "
+                "same model and parameter groups.")
+        tensors_finite(f"{key}['params']", saved)
         buffers = self._live_buffers()
-        if sd["buffers"] and (len(sd["buffers"]) != len(buffers) or any(
-                s.shape != b.shape for s, b in zip(sd["buffers"], buffers))):
+        if not isinstance(sd["buffers"], (list, tuple)) or (sd["buffers"] and (
+                len(sd["buffers"]) != len(buffers) or any(
+                not isinstance(s, torch.Tensor) or s.shape != b.shape
+                for s, b in zip(sd["buffers"], buffers)))):
             raise ValueError(
-                "state_dict does not match the module's buffers (count or shapes differ); "
-                "pass the same module=... the state was saved with."
-            )
+                f"{key}['buffers'] does not match the module's buffers (count or shapes "
+                "differ); pass the same module=... the state was saved with.")
+        tensors_finite(f"{key}['buffers']", sd["buffers"])
+        if not isinstance(sd["state"], dict):
+            raise ValueError(f"{key}['state'] must be a dict, got {type(sd['state']).__name__}.")
+        optimizer_state(f"{key}['state']", {int(i): e for i, e in sd["state"].items()}, params)
+        if isinstance(sd["step"], bool) or not isinstance(sd["step"], int) or sd["step"] < -1:
+            raise ValueError(f"{key}['step'] must be an int >= -1, got {sd['step']!r}.")
 
     @torch.no_grad()
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -381,7 +420,7 @@ class Snapshot:
                     cur = live.get(k)
                     device = (cur.device if isinstance(cur, torch.Tensor)
                               else param.device if v.dim() else torch.device("cpu"))
-                    buf = self._alloc(v.to(device))
+                    buf = self._alloc(v, device)
                     buf.copy_(v)
                     self._saved_state.append(buf)
                     self._state_devices.append(device)
@@ -392,7 +431,7 @@ class Snapshot:
         self._saved_buffers = [self._alloc(b) for b in self._buffers]
         for dst, src in zip(self._saved_buffers, sd["buffers"]):
             dst.copy_(src)
-        self._rng_state = sd["rng"]
+        self._param_layout = _layout(self._params)
         self.step, self.meta = int(sd["step"]), dict(sd["meta"])
         self._fp = None  # live tensors are resolved at the next restore/capture
         self._live_state = []

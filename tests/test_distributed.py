@@ -98,7 +98,9 @@ def _scenario_faults(rank, outdir):
     guard = sd["guard"]
     return {"log": log, "params": _params(model), "stats": dict(opt.stats), "yhat": opt.yhat,
             "world_size": guard["world_size"], "threshold": guard["threshold"],
-            "safe_params": list(guard["safe"]["params"])}
+            "safe_is_live": guard["safe_is_live"],
+            "safe_params": (list(guard["safe"]["params"]) if guard["safe"] is not None
+                            else _params(model))}
 
 
 def _scenario_bare_faults(rank, outdir):
@@ -282,10 +284,16 @@ def test_every_rank_saves_the_same_guard_state_and_it_loads_on_one_rank(ranks):
     batches, (px, py) = _rank_data(0)
     opt = GuardedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2),
                            probe=lambda: F.mse_loss(model(px), py), module=model)
+    with torch.no_grad():   # resume order: the model's weights first, then the optimizer
+        for p, v in zip(model.parameters(), r0["params"]):
+            p.copy_(v)
     opt.load_state_dict(sd)
     assert opt.yhat == r0["yhat"] and opt.stats == r0["stats"]
-    opt._safe.restore()
-    assert _same(_params(model), r0["safe_params"])
+    if r0["safe_is_live"]:   # the last step was verified: the snapshot is the live state
+        assert sd["guard"]["safe"] is None and _same(r0["safe_params"], r0["params"])
+    else:
+        opt._safe.restore()
+        assert _same(_params(model), r0["safe_params"])
     opt.zero_grad()
     F.mse_loss(model(batches[0][0]), batches[0][1]).backward()
     opt.step()

@@ -59,7 +59,6 @@ def test_nan_batch_poisoning_batchnorm_is_undone_by_the_next_measurement():
     opt.step(tiny.closure_for(opt, m, x, y))
     assert opt.last_decision == "rollback" and math.isinf(opt.last_event.innovation)
     after = tiny.full_state(m, opt)
-    del safe["rng"], after["rng"]          # the RNG moved with the skipped step's closure
     tiny.assert_same(safe, after)
 
 

@@ -25,6 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def make_guard(m: nn.Module, probe: bool = True, **kw) -> GuardedOptimizer:
     inner = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.01)
     kw.setdefault("checkpoint_every", 5)  # so the ring of older snapshots is non-empty
+    kw.setdefault("history", 3)
+    kw.setdefault("save_history", True)  # older verified states are saved only on request
     return GuardedOptimizer(inner, tiny.probe_for(m, PROBE_SET) if probe else None,
                             module=m, **kw)
 
@@ -127,8 +129,10 @@ def test_state_dict_round_trips_through_torch_save_weights_only(tmp_path):
     m2 = tiny.model(seed=7)
     m2.load_state_dict(m.state_dict())
     opt2 = make_guard(m2)
-    torch.manual_seed(1234)  # the load must put the saved RNG state back
+    scrambled = torch.manual_seed(1234).get_state()
     opt2.load_state_dict(loaded)
+    assert torch.equal(torch.get_rng_state(), scrambled)  # the load leaves the process RNG alone
+    opt2.restore_rng_state(loaded)                         # ... until asked
 
     assert opt2.yhat == opt.yhat and opt2.y0 == opt.y0
     assert opt2._t == opt._t and opt2._unverified == opt._unverified
@@ -140,7 +144,7 @@ def test_state_dict_round_trips_through_torch_save_weights_only(tmp_path):
     assert torch.equal(spike2.buffer, spike.buffer)
     assert (spike2.count, spike2.consecutive, spike2.rebaselines) == \
         (spike.count, spike.consecutive, spike.rebaselines)
-    assert_deep_equal(opt2._safe.state_dict(), opt._safe.state_dict())
+    assert expected["guard"]["safe"] is None and expected["guard"]["safe_is_live"]  # not copied twice
     assert_deep_equal(opt2._ring.state_dict(), opt._ring.state_dict())
     assert torch.equal(torch.get_rng_state(), expected["guard"]["rng"]["cpu"])
     # and the whole dict written back out is the one that was read in
@@ -164,7 +168,7 @@ def test_state_dict_holds_only_plain_data():
                 (path, type(x))
 
     sd = opt.state_dict()
-    assert set(sd) == {"inner", "guard"}
+    assert set(sd) == {"state", "param_groups", "guard"}
     walk(sd)
 
 
@@ -205,8 +209,10 @@ def test_resume_is_bit_identical_with_a_rollback_onto_the_loaded_snapshot(
     m2 = tiny.model(seed=5, dropout=dropout)
     opt2 = make_guard(m2, probe_every=probe_every)
     m2.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
-    torch.manual_seed(999)  # scramble the RNG: the guard's load must restore the saved one
-    opt2.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+    torch.manual_seed(999)  # scramble the RNG: the documented resume restores the saved one
+    saved = torch.load(tmp_path / "opt.pt", weights_only=True)
+    opt2.load_state_dict(saved)
+    opt2.restore_rng_state(saved)
 
     after_spike = {}
     decisions = train(m2, opt2, rest, spike_at=spike_at, after=lambda i: after_spike.update(
@@ -236,6 +242,7 @@ def test_resume_without_restoring_rng_would_differ_with_dropout(tmp_path):
     m2.load_state_dict(msd)
     sd["guard"]["rng"]["cpu"] = torch.manual_seed(42).get_state()  # a different saved RNG
     opt2.load_state_dict(sd)
+    opt2.restore_rng_state(sd)
     train(m2, opt2, BATCHES[10:15])
     other = tiny.full_state(m2, opt2)
     assert not torch.equal(other["param.0.weight"], reference["param.0.weight"])
@@ -316,6 +323,7 @@ def _guarded_sd_of(model_fn, steps=6, probe=True):
 
 def _bad_state_dicts(good):
     """name -> (bad state_dict, exception types, words the message must contain)."""
+    inner = {"state": clone(good["state"]), "param_groups": clone(good["param_groups"])}
     wrong_version = clone(good)
     wrong_version["guard"]["version"] = 99
     return {
@@ -323,11 +331,10 @@ def _bad_state_dicts(good):
                                   (ValueError,), ["match", "param"]),
         "different-param-count": (_guarded_sd_of(_other_model_fewer_params),
                                   (ValueError,), ["param"]),
-        "missing-guard-key": ({"inner": clone(good["inner"]), "foo": 1},
-                              (ValueError,), ["guard"]),
-        "only-inner": ({"inner": clone(good["inner"])}, (ValueError,), ["guard"]),
+        "missing-guard-key": ({"inner": inner, "foo": 1}, (ValueError,), ["guard"]),
+        "only-inner": ({"inner": inner}, (ValueError,), ["guard"]),
         "wrong-version": (wrong_version, (ValueError,), ["version", "99"]),
-        "not-a-dict-list": ([good["inner"], good["guard"]], (TypeError,), ["dict", "list"]),
+        "not-a-dict-list": ([inner, good["guard"]], (TypeError,), ["dict", "list"]),
         "not-a-dict-none": (None, (TypeError,), ["dict"]),
     }
 
@@ -363,6 +370,7 @@ def test_good_state_dict_still_loads_after_failed_attempts():
         with pytest.raises(exc_types):
             opt.load_state_dict(bad)
     opt.load_state_dict(good)
+    opt.restore_rng_state(good)
     assert_deep_equal(opt.state_dict(), good)
 
 
@@ -401,7 +409,8 @@ def test_guard_dict_with_a_missing_field_is_rejected_atomically():
 
 def test_guard_entry_that_is_not_a_dict_is_rejected_clearly():
     m, opt = trained_guard(steps=12)
-    bad = {"inner": clone(opt.state_dict()["inner"]), "guard": None}
+    sd = clone(opt.state_dict())
+    bad = {"state": sd["state"], "param_groups": sd["param_groups"], "guard": None}
     _check_atomic_then_clear(m, opt, bad, ["guard"])
 
 

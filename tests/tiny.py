@@ -40,14 +40,15 @@ def closure_for(opt, m, x, y):
 
 
 def full_state(m: nn.Module, opt) -> dict:
-    """Every tensor that a rollback must restore, cloned, keyed for comparison."""
+    """Every tensor that a rollback must restore, cloned, keyed for comparison.
+
+    Not the RNG states: a rollback moves the model back, never the data stream."""
     out = {f"param.{k}": v.detach().clone() for k, v in m.named_parameters()}
     out.update({f"buffer.{k}": v.detach().clone() for k, v in m.named_buffers()})
     params = [p for g in opt.param_groups for p in g["params"]]
     for i, p in enumerate(params):
         for k, v in opt.state.get(p, {}).items():
             out[f"state.{i}.{k}"] = v.detach().clone() if isinstance(v, torch.Tensor) else v
-    out["rng"] = torch.get_rng_state().clone()
     return out
 
 

@@ -8,6 +8,8 @@ from typing import Any, Callable
 
 import torch
 
+from .. import rng
+
 __all__ = ["ProbeError", "call_probe", "measure_probe", "probe_value", "check_output"]
 
 
@@ -40,17 +42,20 @@ def probe_value(out: Any) -> float:
 
 
 def call_probe(probe: Callable[[], Any], module: torch.nn.Module | None = None) -> Any:
-    """Call ``probe`` under ``torch.no_grad()``, in eval mode if ``module`` is given.
+    """Call ``probe`` under ``torch.no_grad()``, in eval mode if ``module`` is given, on the
+    user's RNG states without consuming them (:func:`..rng.isolated`).
 
     Returns its checked output without reading it (no host sync). Every submodule's
-    train/eval mode is put back as it was, even if the probe raises. A probe that raises
-    is reported as ``ProbeError`` chained to the original exception.
+    train/eval mode and the RNG states are put back as they were, even if the probe raises:
+    a probe of a dropout model run without ``module=`` draws its masks from a copy of the
+    streams, so the training run draws exactly what it would draw unguarded. A probe that
+    raises is reported as ``ProbeError`` chained to the original exception.
     """
     modes = [(m, m.training) for m in module.modules()] if module is not None else []
     if module is not None:
         module.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), rng.isolated():
             out = probe()
     except Exception as exc:
         raise ProbeError(f"probe raised {type(exc).__name__}: {exc}. {_CONTRACT}.") from exc
