@@ -22,6 +22,10 @@ cannot be merged: whether to propose at all (the pre-step SKIP) must be agreed b
 (the initial reference ``y(theta_0)``, the rebaseline after repeated rejections) are reduced
 the same way, so ``yhat`` is the same number on every rank.
 
+A probe that raises on one rank must not leave the others waiting in that all_reduce: the
+raising rank puts an error flag into the vector instead, and after the reduction *every*
+rank restores the last verified state and raises :class:`ProbeError` together.
+
 Snapshots stay rank-local: each rank copies the tensors it holds (a full replica under DDP,
 its own shards under FSDP2), and a rollback restores them on every rank at the same step.
 """
@@ -32,8 +36,8 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["AUTO", "resolve_group", "world_size", "pack", "full_value", "agree", "agree_mean", "sharded",
-           "check_world_size"]
+__all__ = ["AUTO", "resolve_group", "world_size", "pack", "full_value", "agree", "agree_mean",
+           "agree_host", "sharded", "check_world_size"]
 
 AUTO = "auto"
 
@@ -110,10 +114,16 @@ def agree(values: torch.Tensor, means: Sequence[int], group: Any) -> torch.Tenso
 def agree_mean(y: float, group: Any) -> float:
     """The mean of a host scalar over the ranks (one ``all_reduce``, one sync); ``y`` alone
     without a group. For the rare re-measurements of the probe outside the step's transfer."""
+    return agree_host([y], [0], group)[0]
+
+
+def agree_host(values: Sequence[float], means: Sequence[int], group: Any) -> list[float]:
+    """:func:`agree` for host numbers (flags and measurements read outside a step's transfer):
+    one ``all_reduce`` on the group's collective device; the values themselves without one."""
     if world_size(group) == 1:
-        return y
+        return list(values)
     device = _collective_device(group)
-    return agree(torch.tensor([y], dtype=torch.float64, device=device), [0], group).item()
+    return agree(torch.tensor(list(values), dtype=torch.float64, device=device), means, group).tolist()
 
 
 def _collective_device(group: Any) -> torch.device:

@@ -41,14 +41,14 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from . import rng, validation
-from .distributed import (AUTO, agree, agree_mean, check_world_size, full_value, pack,
+from .distributed import (AUTO, agree, agree_host, check_world_size, full_value, pack,
                           resolve_group, world_size)
 from .events import StepEvent
 from .innovation import FixedThreshold, RelativeThreshold, Threshold, accepts, ewma, innovation
 from .logs import RateLimitedLog
 from .policy import Decision, RecoveryAction
 from .signals import StepMeasurement, Verdict, default_signals, global_grad_norm
-from .signals.probe import ProbeError, call_probe, check_initial, measure_probe
+from .signals.probe import ProbeError, call_probe, check_initial, probe_value
 from .snapshot import MODES, Snapshot, SnapshotRing
 
 __all__ = ["GuardedOptimizer"]
@@ -118,6 +118,20 @@ def _global_step_hooks_muted():
             h.clear()
             h.update(s)
             h.update(added)
+
+
+def _try_probe(probe: Callable[[], Any], module: torch.nn.Module | None) -> tuple[Any, ProbeError | None]:
+    """``(output, None)``, or ``(nan, error)`` when the probe raised: the error is agreed
+    with the other ranks before anyone raises it (a rank raising alone would hang them)."""
+    try:
+        return call_probe(probe, module), None
+    except ProbeError as exc:
+        return math.nan, exc
+
+
+def _remote_probe_error() -> ProbeError:
+    return ProbeError("the probe raised on another rank; every rank rolled back to the last "
+                      "verified state (see that rank's error for the cause).")
 
 
 def _is_signal(x: Any) -> bool:
@@ -524,14 +538,14 @@ class GuardedOptimizer(Optimizer):
         # 3. measure the proposal: probe and post-step flags in one transfer
         after = m.after_proposal()
         post_flags = [s.measure(after) for s in post]
-        try:
-            raw = call_probe(self.probe, self.module)
-        except ProbeError:
-            self._restore()  # never leave an unmeasured proposal behind
-            raise
+        raw, error = _try_probe(self.probe, self.module)
         parts = [torch.as_tensor(raw).detach().to(device, torch.float64).reshape(1)]
         parts += [f.to(device, torch.float64).reshape(1) for f in post_flags]
+        parts.append(torch.full((1,), float(error is not None), dtype=torch.float64, device=device))
         values = agree(pack(parts), [0], group).tolist()  # probe mean, flags any-rank
+        if values.pop():   # the probe raised on some rank: every rank restores and raises
+            self._restore()  # never leave an unmeasured proposal behind
+            raise error or _remote_probe_error()
         y, post_fired = values[0], [bool(v) for v in values[1:]]
         event.signals.update((s.name, f) for s, f in zip(post, post_fired))
         self.stats["measured"] += 1
@@ -639,8 +653,14 @@ class GuardedOptimizer(Optimizer):
         self._live_is_safe = True
 
     def _measure_probe(self) -> float:
-        """One probe measurement outside the step's transfer, averaged over the ranks."""
-        return agree_mean(measure_probe(self.probe, self.module), resolve_group(self.process_group))
+        """One probe measurement outside the step's transfer, averaged over the ranks; a probe
+        that raises on any rank raises on every rank."""
+        raw, error = _try_probe(self.probe, self.module)
+        y = math.nan if error is not None else probe_value(raw)
+        y, failed = agree_host([y, float(error is not None)], [0], resolve_group(self.process_group))
+        if failed:
+            raise error or _remote_probe_error()
+        return y
 
     def _amp_unscale(self, grads: list[torch.Tensor]) -> torch.Tensor | None:
         """GradScaler's ``found_inf`` for this step (``None`` outside ``scaler.step``).

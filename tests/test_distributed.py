@@ -174,7 +174,43 @@ def _scenario_fsdp(rank, outdir):
             "types": sorted({type(p).__name__ for p in params}), "mismatch": mismatch}
 
 
-SCENARIOS = {"clean": _scenario_clean, "faults": _scenario_faults,
+def _scenario_probe_error(rank, outdir):
+    """The probe raises on rank 1 only: at construction, then at step 5. Every rank raises
+    together (no rank left waiting in the step's all_reduce) and holds the verified state."""
+    from guarded_optim import ProbeError
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    model = _mlp()
+    ddp = DDP(model)
+    batches, (px, py) = _rank_data(rank)
+    state = {"raise": rank == 1}
+
+    def probe():
+        if state["raise"]:
+            raise RuntimeError(f"probe data missing on rank {rank}")
+        return F.mse_loss(model(px), py)
+
+    errors = []
+    try:
+        GuardedOptimizer(torch.optim.AdamW(ddp.parameters(), lr=1e-2), probe=probe, module=model)
+    except ProbeError as exc:
+        errors.append(str(exc))
+    state["raise"] = False
+    opt = GuardedOptimizer(torch.optim.AdamW(ddp.parameters(), lr=1e-2), probe=probe, module=model)
+    for t, (x, y) in enumerate(batches[:8]):
+        opt.zero_grad()
+        F.mse_loss(ddp(x), y).backward()
+        state["raise"] = rank == 1 and t == 5
+        try:
+            opt.step()
+        except ProbeError as exc:
+            errors.append(str(exc))
+            verified = _params(model)
+        state["raise"] = False
+    return {"errors": errors, "steps": opt.stats["steps"], "params": _params(model),
+            "verified": verified}
+
+
+SCENARIOS = {"probe_error": _scenario_probe_error, "clean": _scenario_clean, "faults": _scenario_faults,
              "bare_faults": _scenario_bare_faults, "rank_local": _scenario_rank_local,
              "agree": _scenario_agree, "fsdp": _scenario_fsdp}
 
@@ -298,6 +334,14 @@ def test_every_rank_saves_the_same_guard_state_and_it_loads_on_one_rank(ranks):
     F.mse_loss(model(batches[0][0]), batches[0][1]).backward()
     opt.step()
     assert opt.last_decision == "accept"
+
+
+def test_a_probe_error_on_one_rank_raises_on_every_rank_instead_of_hanging(ranks):
+    r0, r1 = _get(ranks, "probe_error")
+    assert len(r0["errors"]) == len(r1["errors"]) == 2       # at construction and at step 5
+    assert "another rank" in r0["errors"][0] and "probe data missing" in r1["errors"][0]
+    assert r0["steps"] == r1["steps"] == 7                    # the failed call is not a step
+    assert _same(r0["verified"], r1["verified"]) and _same(r0["params"], r1["params"])
 
 
 def test_without_the_guard_the_one_rank_fault_diverges_the_replicas(ranks):
