@@ -420,3 +420,46 @@ def test_meta_parameters_step_like_the_bare_optimizer():
         p.grad = torch.zeros_like(p)
     opt.step()   # the bare optimizer steps on meta tensors without values; so does the guard
     assert opt.stats["steps"] == 0
+
+
+def test_state_dict_without_a_probe_does_not_change_the_run():
+    """Saving verifies the live state as the next step would: the run is the same with or
+    without a state_dict() in the middle, and the checkpoint records rather than copies."""
+    probe_set, batches = tiny.data(0, steps=16)
+    finals = []
+    for save in (False, True):
+        m = tiny.model(0)
+        opt = GuardedOptimizer(torch.optim.AdamW(m.parameters(), lr=1e-2), module=m)
+        for i, (x, yb) in enumerate(batches):
+            opt.step(tiny.closure_for(opt, m, x, yb))
+            if save and i == 7:
+                sd = opt.state_dict()
+                assert sd["guard"]["safe"] is None and sd["guard"]["safe_is_live"]
+        finals.append((tiny.full_state(m, opt), dict(opt.stats)))
+    tiny.assert_same(finals[0][0], finals[1][0])
+    assert finals[0][1] == finals[1][1]
+
+
+def test_probe_less_resume_rolls_back_onto_the_recorded_state(tmp_path):
+    probe_set, batches = tiny.data(0, steps=12)
+    m = tiny.model(0)
+    opt = GuardedOptimizer(torch.optim.AdamW(m.parameters(), lr=1e-2), module=m)
+    for x, yb in batches[:8]:
+        opt.step(tiny.closure_for(opt, m, x, yb))
+    torch.save({"m": m.state_dict(), "o": opt.state_dict()}, tmp_path / "ck.pt")
+    at_save = tiny.full_state(m, opt)
+    ck = torch.load(tmp_path / "ck.pt", weights_only=True)
+    m2 = tiny.model(3)
+    opt2 = GuardedOptimizer(torch.optim.AdamW(m2.parameters(), lr=1e-2), module=m2)
+    m2.load_state_dict(ck["m"])
+    opt2.load_state_dict(ck["o"])
+    x, yb = batches[8]
+    opt2.step(tiny.closure_for(opt2, m2, x, yb))
+    with torch.no_grad():           # damage between steps: the next step's check sees it
+        next(m2.parameters()).mul_(1e4)
+    x, yb = batches[9]
+    opt2.step(tiny.closure_for(opt2, m2, x, yb))
+    assert opt2.last_decision == "rollback"
+    # batch 8's proposal was never verified (the check that would verify it found the
+    # damage), so the rollback lands exactly on the state recorded in the checkpoint
+    tiny.assert_same(tiny.full_state(m2, opt2), at_save)
