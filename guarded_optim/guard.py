@@ -976,12 +976,21 @@ class GuardedOptimizer(Optimizer):
 
 
 def _check_signal_state(key: str, state: Any) -> None:
-    """A signal's saved state: a dict whose tensors are finite (references are only ever
-    learnt from healthy steps)."""
+    """A signal's saved state: a dict whose tensors (at any depth) are finite (references are
+    only ever learnt from healthy steps)."""
     if not isinstance(state, dict):
         raise ValueError(f"{key} must be a dict, got {type(state).__name__}.")
-    for name, v in state.items():
-        if isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex()) \
-                and v.numel() and not bool(torch.isfinite(v).all()):
-            raise ValueError(f"{key}[{name!r}] holds NaN or Inf; a signal's reference is learnt "
-                             "from healthy steps only: the checkpoint is corrupt.")
+
+    def walk(x: Any, where: str) -> None:
+        if isinstance(x, torch.Tensor):
+            if (x.is_floating_point() or x.is_complex()) and x.numel() and not bool(torch.isfinite(x).all()):
+                raise ValueError(f"{where} holds NaN or Inf; a signal's reference is learnt from "
+                                 "healthy steps only: the checkpoint is corrupt.")
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, f"{where}[{k!r}]")
+        elif isinstance(x, (list, tuple)):
+            for i, v in enumerate(x):
+                walk(v, f"{where}[{i}]")
+
+    walk(state, key)

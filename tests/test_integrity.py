@@ -189,9 +189,15 @@ def _corrupt(sd, what):
     elif what == "stats-negative":
         g["stats"]["rollbacks"] = -1
     elif what == "signal-nan":
-        g["signals"]["grad_spike"] = {k: (torch.full_like(v, float("nan"))
-                                          if isinstance(v, torch.Tensor) else v)
-                                      for k, v in g["signals"]["grad_spike"].items()}
+        def poison(x):
+            if isinstance(x, torch.Tensor) and x.is_floating_point():
+                return torch.full_like(x, float("nan"))
+            if isinstance(x, dict):
+                return {k: poison(v) for k, v in x.items()}
+            if isinstance(x, (list, tuple)):
+                return type(x)(poison(v) for v in x)
+            return x
+        g["signals"]["grad_spike"] = poison(g["signals"]["grad_spike"])
     elif what == "last-decision":
         g["last_decision"] = "maybe"
     return sd
