@@ -1,14 +1,20 @@
 """Decision records and the callbacks that receive them: telemetry sinks.
 
-Every ``step()`` emits one :class:`StepEvent` to each callable in ``callbacks=[...]``. Two
-sinks turn them into files, both usable as such callables:
+Every ``step()`` emits one :class:`StepEvent` to each callable in ``callbacks=[...]``. The
+sinks below are such callables; each lands the guard's numbers (:func:`event_scalars`) where
+users already look:
 
 * :class:`CSVSink` -- one CSV row per step (measurements, the decision as an int, one 0/1
   column per signal);
-* :class:`TensorBoardSink` -- the same as scalars of a ``SummaryWriter``. TensorBoard is
-  imported only when the sink is built from a log directory: the core needs torch and
-  numpy only.
+* :class:`TensorBoardSink` -- the same as scalars of a ``SummaryWriter``;
+* :class:`LightningSink` -- through a ``LightningModule``'s ``log_dict`` (inside the
+  Trainer's loop, at its ``log_every_n_steps``) or a Lightning logger's ``log_metrics``;
+* :class:`HFTrainerSink` -- into a ``transformers.Trainer``'s ``trainer.log`` (its
+  ``log_history`` and every ``report_to`` integration), at its ``logging_steps``;
+* :class:`WandbSink` -- ``wandb.log`` on the active Weights & Biases run;
+* :class:`MLflowSink` -- ``mlflow.log_metrics`` on the active (or a given) MLflow run.
 
+Every framework is imported only when its sink is built: the core needs torch and numpy only.
 Under DDP every rank sees the same event (the decision is agreed); attach sinks on rank 0.
 """
 
@@ -16,12 +22,14 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
-__all__ = ["StepEvent", "DECISION_CODES", "event_scalars", "CSVSink", "TensorBoardSink"]
+__all__ = ["StepEvent", "DECISION_CODES", "event_scalars", "CSVSink", "TensorBoardSink",
+           "LightningSink", "HFTrainerSink", "WandbSink", "MLflowSink"]
 
 #: the decision as an int, larger is worse (as :class:`~guarded_optim.signals.Verdict`)
 DECISION_CODES = {"accept": 0, "skip": 1, "rollback": 2}
@@ -200,3 +208,244 @@ class TensorBoardSink(_ClosingSink):
         if self._owned:
             self.writer.close()
         self.writer = None
+
+
+def _prefixed(event: StepEvent, prefix: str) -> dict[str, float]:
+    return {prefix + k: v for k, v in event_scalars(event).items()}
+
+
+class LightningSink(_ClosingSink):
+    """Log each :class:`StepEvent` where a Lightning run logs: ``<prefix><name>`` of
+    :func:`event_scalars`.
+
+    In ``configure_optimizers``::
+
+        guard = GuardedOptimizer(inner, probe, module=self, callbacks=[LightningSink(self)])
+
+    Args:
+        target: one of
+            * a ``LightningModule``: ``target.log_dict(..., on_step=True, on_epoch=False)``,
+              so the numbers follow the Trainer's ``log_every_n_steps`` to all its loggers
+              and land in ``trainer.callback_metrics`` (valid while the Trainer runs the
+              module's optimizer step, the only place the guard steps). Measurements not
+              taken on a step are logged as NaN: Lightning would repeat their last value;
+            * a ``Trainer``: ``log_metrics(..., step=event.step)`` on each of ``trainer.loggers``;
+            * a Lightning logger (anything with ``log_metrics``): its ``log_metrics``.
+        prefix: prepended to every name (default ``"guard/"``).
+        prog_bar: with a module, also show the numbers in the progress bar.
+
+    Nothing is closed: the loggers and the module belong to the Trainer. :meth:`close` calls
+    ``save()`` on the loggers it writes to directly and stops the sink.
+    """
+
+    def __init__(self, target: Any, prefix: str = "guard/", prog_bar: bool = False):
+        if hasattr(target, "log_dict") and hasattr(target, "configure_optimizers"):
+            self.module, self._loggers = target, None
+        elif hasattr(target, "loggers"):
+            self.module, self._loggers = None, lambda: list(target.loggers)
+        elif hasattr(target, "log_metrics"):
+            self.module, self._loggers = None, lambda: [target]
+        else:
+            raise TypeError(f"target must be a LightningModule, a Trainer or a logger with "
+                            f"log_metrics, got {type(target).__name__}.")
+        self.prefix, self.prog_bar, self._closed = prefix, prog_bar, False
+
+    def __call__(self, event: StepEvent) -> None:
+        if self._closed:
+            raise ValueError("LightningSink is closed; build a new one to keep logging.")
+        metrics = _prefixed(event, self.prefix)
+        if self.module is not None:   # Lightning repeats a name's last value on steps that do
+            metrics = {**{self.prefix + k: math.nan for k in _MEASURED}, **metrics}  # not log it
+            self.module.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=self.prog_bar)
+        else:
+            for logger in self._loggers():
+                logger.log_metrics(metrics, step=event.step)
+
+    def flush(self) -> None:
+        if not self._closed and self._loggers is not None:
+            for logger in self._loggers():
+                if hasattr(logger, "save"):
+                    logger.save()
+
+    def close(self) -> None:
+        """Save the loggers written to directly; idempotent."""
+        self.flush()
+        self._closed = True
+
+
+class HFTrainerSink(_ClosingSink):
+    """The guard's numbers in a ``transformers.Trainer``'s logs, through ``trainer.log``: they
+    reach ``trainer.state.log_history`` and every ``report_to`` integration (TensorBoard,
+    W&B, MLflow, ...) like the Trainer's own loss::
+
+        trainer = Trainer(model=model, args=args, optimizers=(guard, scheduler), ...)
+        guard.callbacks.append(HFTrainerSink(trainer))
+        trainer.train()
+
+    Building the sink adds a ``TrainerCallback`` to the trainer (``trainer.add_callback``).
+    The guard's events are held until the Trainer ends the optimizer step (``on_step_end``,
+    after ``state.global_step`` moved), then the last one is logged as
+    ``<prefix><name>`` of :func:`event_scalars` on the steps the Trainer logs
+    (``logging_steps``; or every ``every`` steps), and on every step the guard skipped or
+    rolled back, so no intervention goes unlogged.
+
+    Args:
+        trainer: a ``transformers.Trainer`` (anything with ``log`` and ``add_callback``).
+        prefix: prepended to every name (default ``"guard/"``).
+        every: log every this many optimizer steps instead of at the Trainer's cadence.
+    """
+
+    def __init__(self, trainer: Any, prefix: str = "guard/", every: int | None = None):
+        if not (hasattr(trainer, "log") and hasattr(trainer, "add_callback")):
+            raise TypeError(f"trainer must be a transformers.Trainer, got "
+                            f"{type(trainer).__name__}.")
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int)
+                                  or every < 1):
+            raise ValueError(f"Invalid every: {every!r}; it must be None or an int >= 1.")
+        self.trainer, self.prefix, self.every = trainer, prefix, every
+        self.logged = 0                    #: how many times this sink called ``trainer.log``
+        self._pending: StepEvent | None = None
+        self._intervened = False
+        self.callback = _hf_callback(self)
+        trainer.add_callback(self.callback)
+
+    def __call__(self, event: StepEvent) -> None:
+        if self.trainer is None:
+            raise ValueError("HFTrainerSink is closed; build a new one to keep logging.")
+        self._pending = event
+        self._intervened |= event.decision != "accept"
+
+    def _on_step_end(self, state: Any, control: Any) -> None:
+        event, self._pending = self._pending, None
+        if event is None or self.trainer is None:
+            return
+        due = (state.global_step % self.every == 0 if self.every is not None
+               else bool(getattr(control, "should_log", False)))
+        if due or self._intervened:
+            # trainer.log clears control.should_log (its on_log does): keep the Trainer's own
+            # log of this step (the loss) coming
+            should_log = getattr(control, "should_log", False)
+            self.trainer.log(_prefixed(event, self.prefix))
+            for c in {id(control): control, id(getattr(self.trainer, "control", None)):
+                      getattr(self.trainer, "control", None)}.values():
+                if c is not None:
+                    c.should_log = should_log
+            self.logged += 1
+        self._intervened = False
+
+    def close(self) -> None:
+        """Stop logging and take the callback off the trainer; idempotent."""
+        if self.trainer is None:
+            return
+        if hasattr(self.trainer, "remove_callback"):
+            self.trainer.remove_callback(self.callback)
+        self.trainer = None
+
+
+def _hf_callback(sink: HFTrainerSink) -> Any:
+    """A ``transformers.TrainerCallback`` forwarding ``on_step_end`` to ``sink`` (transformers
+    is imported here, when an :class:`HFTrainerSink` is built)."""
+    try:
+        from transformers import TrainerCallback
+    except ImportError as exc:
+        raise ImportError("HFTrainerSink needs transformers: pip install transformers.") from exc
+
+    class GuardLogCallback(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            sink._on_step_end(state, control)
+
+    return GuardLogCallback()
+
+
+class WandbSink(_ClosingSink):
+    """Log each :class:`StepEvent` to Weights & Biases with ``wandb.log``:
+    ``callbacks=[WandbSink()]`` after ``wandb.init(...)``.
+
+    Keys are ``<prefix><name>`` of :func:`event_scalars` plus ``<prefix>step`` (the guard's
+    step), declared the x-axis of ``<prefix>*`` with ``define_metric`` so the charts line up
+    with training steps whatever else the run logs.
+
+    Args:
+        run: a ``wandb`` run (``wandb.init()``'s return value), or ``None`` for the ``wandb``
+            module's active run (``wandb`` is imported only then).
+        prefix: prepended to every key (default ``"guard/"``).
+        commit: passed to ``log``: ``None`` (W&B's default) commits each call as a step of its
+            own; ``False`` adds the numbers to the step your next ``wandb.log`` commits.
+
+    The run belongs to the caller: :meth:`close` only stops the sink (``run.finish()`` is yours).
+    """
+
+    def __init__(self, run: Any = None, prefix: str = "guard/", commit: bool | None = None):
+        if run is None:
+            try:
+                import wandb
+            except ImportError as exc:
+                raise ImportError("WandbSink needs wandb: pip install wandb (or pass a "
+                                  "run).") from exc
+            if getattr(wandb, "run", None) is None:
+                raise ValueError("WandbSink: no active W&B run; call wandb.init(...) first.")
+            run = wandb
+        elif not hasattr(run, "log"):
+            raise TypeError(f"run must be a wandb run, got {type(run).__name__}.")
+        self.run, self.prefix, self.commit = run, prefix, commit
+        self.step_key = f"{prefix}step"
+        if hasattr(run, "define_metric"):
+            run.define_metric(self.step_key)
+            run.define_metric(f"{prefix}*", step_metric=self.step_key)
+
+    def __call__(self, event: StepEvent) -> None:
+        if self.run is None:
+            raise ValueError("WandbSink is closed; build a new one to keep logging.")
+        self.run.log({**_prefixed(event, self.prefix), self.step_key: event.step},
+                     commit=self.commit)
+
+    def close(self) -> None:
+        """Stop the sink (the run stays open); idempotent."""
+        self.run = None
+
+
+class MLflowSink(_ClosingSink):
+    """Log each :class:`StepEvent` to MLflow: ``mlflow.log_metrics(..., step=event.step)``
+    with keys ``<prefix><name>`` of :func:`event_scalars`; ``mlflow`` is imported when the
+    sink is built. ``callbacks=[MLflowSink()]`` inside ``with mlflow.start_run():``.
+
+    Args:
+        run_id: log to this run instead of the active one, through ``client.log_batch``
+            (with no active run and no ``run_id``, MLflow starts a run, as
+            ``mlflow.log_metrics`` always does).
+        prefix: prepended to every key (default ``"guard/"``; MLflow allows ``/`` in names).
+        client: the ``mlflow.MlflowClient`` to log through with ``run_id`` (default: one for
+            the current tracking URI).
+
+    The run belongs to the caller: :meth:`close` only stops the sink.
+    """
+
+    def __init__(self, run_id: str | None = None, prefix: str = "guard/", client: Any = None):
+        try:
+            import mlflow
+        except ImportError as exc:
+            raise ImportError("MLflowSink needs mlflow: pip install mlflow.") from exc
+        if client is not None and run_id is None:
+            raise ValueError("MLflowSink(client=...) needs the run_id to log to.")
+        if run_id is not None and client is None:
+            client = mlflow.MlflowClient()
+        self._mlflow, self.client, self.run_id, self.prefix = mlflow, client, run_id, prefix
+        self._closed = False
+
+    def __call__(self, event: StepEvent) -> None:
+        if self._closed:
+            raise ValueError("MLflowSink is closed; build a new one to keep logging.")
+        metrics = _prefixed(event, self.prefix)
+        if self.client is None:
+            self._mlflow.log_metrics(metrics, step=event.step)
+            return
+        import time
+
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, event.step)
+                                                    for k, v in metrics.items()])
+
+    def close(self) -> None:
+        """Stop the sink (the run stays open); idempotent."""
+        self._closed = True

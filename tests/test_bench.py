@@ -15,8 +15,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_quick_protocol_reports_measured_numbers(tmp_path, capsys):
     assert main(["bench", "--suite", "protocol", "--quick", "--task", "mlp", "--seeds", "1",
-                 "--steps", "80", "--fault", "lr_x1000", "--repeats", "3", "--out", str(tmp_path),
-                 "--quiet"]) == 0
+                 "--steps", "80", "--fault-start", "60", "--fault", "lr_x1000", "--repeats", "3",
+                 "--out", str(tmp_path), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "guarded_probe" in out and "bare" in out
     rows = {r["arm"]: r for r in csv.DictReader(open(tmp_path / "protocol_mlp.csv"))}
@@ -117,3 +117,45 @@ def test_resnet18_is_the_standard_architecture():
     # torchvision's resnet18 with a 3x3 stem and 10 classes has 11,173,962 parameters
     assert sum(p.numel() for p in model.parameters()) == 11_173_962
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_identical_arms_are_drawn_once_and_named_together():
+    def run(arm, seed, curve):
+        return Run(arm, seed, curve, [1.0] * len(curve))
+    runs = [run("bare", 0, [3.0, 2.0, 5.0]), run("bare", 1, [3.0, 2.0, 6.0]),
+            run("guarded", 0, [3.0, 2.0, 1.0]), run("guarded", 1, [3.0, 2.0, 1.5]),
+            run("naive", 0, [3.0, 2.0, 5.0]), run("naive", 1, [3.0, 2.0, 6.0]),
+            run("almost", 0, [3.0, 2.0, 5.0]), run("almost", 1, [3.0, 2.0, 6.000001]),
+            run("crashed", 0, [3.0, math.nan]), run("crashed2", 0, [3.0, math.nan])]
+    groups = report.same_arms(runs)
+    assert groups == {"bare": ["bare", "naive"], "guarded": ["guarded"], "almost": ["almost"],
+                      "crashed": ["crashed", "crashed2"]}
+    assert report._group_label(groups["bare"]) == "bare (= naive)"
+
+
+def test_innovation_figure_plots_the_ratio_and_labels_only_what_is_drawn():
+    plt = pytest.importorskip("matplotlib.pyplot",
+                              reason="figures need matplotlib (the bench extra)")
+    import numpy as np
+
+    def legend(events):
+        fig = report._innovation_figure(plt, np, "mlp", Run("guarded_probe", 0, [], [], events),
+                                        start=2, length=1, fault="lr_x1000")
+        labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+        ys = fig.axes[0].get_lines()[2].get_ydata()     # after the zero and decision lines
+        plt.close(fig)
+        return labels, ys
+
+    def ev(t, decision, nu=None, eps=None):
+        return StepEvent(t, decision, innovation=nu, threshold=eps)
+
+    labels, ys = legend([ev(0, "accept", -0.5, 2.0), ev(1, "accept", 1.0, 2.0),
+                         ev(2, "accept", -4.0, 2.0)])
+    assert not any("rollback" in x or "skip" in x or "non-finite" in x for x in labels)
+    assert any("below -1" in x for x in labels)
+    assert list(ys) == [-0.25, 0.5, -1.0]                  # nu / epsilon, clipped at -1
+    labels, ys = legend([ev(0, "accept", 0.1, 1.0), ev(1, "skip"),
+                         ev(2, "rollback", 50.0, 1.0), ev(3, "rollback", math.inf, 1.0)])
+    assert {"rollback", "skip (nothing proposed: not measured)",
+            "non-finite, drawn at the top"} <= set(labels)
+    assert ys[0] == pytest.approx(0.1) and math.isnan(ys[1]) and ys[2] == 50.0   # a gap at 1

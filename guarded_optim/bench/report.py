@@ -13,10 +13,10 @@ import os
 import statistics
 from typing import Iterable, Sequence
 
-from .scenarios import Run
+from .scenarios import ARMS, Run
 
 __all__ = ["ratio", "steps_to_recover", "outcome", "interventions", "protocol_table", "format_table",
-           "compact_scenarios", "write_csv", "write_curves", "plot_protocol"]
+           "compact_scenarios", "write_csv", "write_curves", "plot_protocol", "same_arms"]
 
 #: a run "ends well" when its final probe loss is within this factor of the clean run's
 TOLERANCE = 1.25
@@ -157,71 +157,238 @@ def write_curves(path: str, task: str, clean: dict[int, Run], runs: list[Run]) -
                                  "" if e is None or e.threshold is None else e.threshold])
 
 
-_STYLES = ("-", "--", "-.", ":")
+#: one look per arm (colour, line style, marker), by the arm's place in :data:`ARMS`: arms
+#: that coincide stay told apart, and an arm keeps its look whichever arms were run
+_LOOKS = (("tab:orange", "-", "o"), ("tab:green", "--", "s"), ("tab:purple", "-.", "^"),
+          ("tab:brown", ":", "D"), ("tab:pink", (0, (5, 1, 1, 1)), "v"),
+          ("tab:olive", (0, (1, 1)), "P"), ("tab:cyan", (0, (3, 1, 1, 1, 1, 1)), "X"))
+_CLEAN_LOOK = ("tab:blue", "-", None)
 
 
-def _band(ax, curves: list[list[float]], label: str, log: bool = True, style: str = "-") -> None:
+def same_arms(runs: list[Run]) -> dict[str, list[str]]:
+    """Arms whose runs are identical on every seed (probe loss and parameter norm, step by
+    step): ``{first arm: [the arms it stands for, itself first]}``, in the order of ``runs``."""
+    import numpy as np
+
+    def key(arm):
+        rs = sorted((r for r in runs if r.arm == arm), key=lambda r: r.seed)
+        return [r.seed for r in rs], [np.asarray([r.curve, r.param_norm], dtype=float) for r in rs]
+
+    groups: dict[str, list[str]] = {}
+    for arm in dict.fromkeys(r.arm for r in runs):
+        seeds, curves = key(arm)
+        for first in groups:
+            s0, c0 = key(first)
+            if s0 == seeds and all(a.shape == b.shape and np.array_equal(a, b, equal_nan=True)
+                                   for a, b in zip(c0, curves)):
+                groups[first].append(arm)
+                break
+        else:
+            groups[arm] = [arm]
+    return groups
+
+
+def _group_label(members: list[str]) -> str:
+    return members[0] if len(members) == 1 else f"{members[0]} (= {', '.join(members[1:])})"
+
+
+def _geo_band(ax, curves: list[list[float]], label: str, look, markevery=None) -> None:
+    """Geometric mean and +-1 std (in log space) over seeds, on a log axis. A step where a
+    seed is not finite (a crashed run) ends the line; an ``x`` marks where."""
     import numpy as np
     a = np.array(curves, dtype=float)
-    a[~np.isfinite(a)] = np.nan
-    if log:
-        a = np.log10(a)
-    mean, std = np.nanmean(a, axis=0), np.nanstd(a, axis=0)
+    bad = ~np.isfinite(a) | (a <= 0)
+    log = np.log10(np.where(bad, np.nan, a))
+    mean, std = log.mean(axis=0), log.std(axis=0)          # NaN where any seed is bad
     steps = np.arange(a.shape[1])
-    line, = ax.plot(steps, mean, style, label=label, lw=1.2)
-    ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    color, style, marker = look
+    ax.plot(steps, 10 ** mean, color=color, ls=style, marker=marker, ms=4,
+            markevery=markevery, lw=1.4, label=label)
+    if a.shape[0] > 1:
+        ax.fill_between(steps, 10 ** (mean - std), 10 ** (mean + std), color=color, alpha=0.12,
+                        lw=0)
+    if bad.any():
+        first = int(np.argmax(bad.any(axis=0)))
+        if first > 0 and np.isfinite(mean[first - 1]):
+            ax.plot(first - 1, 10 ** mean[first - 1], "x", color=color, ms=9, mew=2)
+            ax.annotate(" non-finite after this step", (first - 1, 10 ** mean[first - 1]),
+                        color=color, fontsize=7, va="bottom")
+
+
+def _scale(ax, curves, log: bool | None = None) -> None:
+    """A log y axis when the values span more than a decade (or ``log``), else linear; tick
+    labels as plain numbers (0.5, 10, 1e+04), never 8.8x10^0."""
+    import numpy as np
+    from matplotlib.ticker import LogFormatter
+    if log is None:
+        a = np.asarray([v for c in curves for v in c], dtype=float)
+        a = a[np.isfinite(a) & (a > 0)]
+        log = a.size > 0 and a.max() > 10 * a.min()
+    if log:
+        class Plain(LogFormatter):    # LogFormatter's choice of ticks to label, as 0.1, 10
+            def __call__(self, x, pos=None):
+                return f"{x:g}" if super().__call__(x, pos) else ""
+
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(Plain())
+        ax.yaxis.set_minor_formatter(Plain(labelOnlyBase=False, minor_thresholds=(1, 0.5)))
+
+
+def _fault_span(ax, start: int, length: int, label: bool) -> None:
+    ax.axvspan(start - 0.5, start + length - 0.5, color="red", alpha=0.08,
+               label=f"fault window (steps {start}-{start + length - 1})" if label else None)
 
 
 def plot_protocol(out_dir: str, task: str, clean: dict[int, Run], runs: list[Run],
-                  start: int, length: int) -> list[str]:
-    """Paper 001's figures for one task: probe-loss curves (fig. 2/5), innovation with the
-    threshold (fig. 3) and the parameter L2 norm (fig. 4), mean +- std over seeds.
-    Returns the PNG paths written (empty without matplotlib)."""
+                  start: int, length: int, fault: str | None = None) -> list[str]:
+    """Paper 001's figures for one task (PNG in ``out_dir``), each over the seeds run:
+
+    * ``<task>_probe_loss.png`` (fig. 2/5): probe loss per arm, and below it the probe loss
+      over the clean run of the same seed with the recovery tolerance;
+    * ``<task>_param_norm.png`` (fig. 4): the parameter L2 norm;
+    * ``<task>_innovation.png`` (fig. 3): the guard's test statistic nu/epsilon on
+      ``guarded_probe`` seed 0, with the decision line at 1 (accept iff nu <= epsilon).
+
+    Curves are geometric means with +-1 std bands; arms whose runs are identical on every
+    seed are drawn once and named together ("bare (= loss_rollback, ...)"). Returns the PNG
+    paths written (empty without matplotlib)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import numpy as np
     except ImportError:
         return []
     arms = list(dict.fromkeys(r.arm for r in runs))
+    order = list(dict.fromkeys([*ARMS, *arms]))
+    looks = {arm: _LOOKS[order.index(arm) % len(_LOOKS)] for arm in arms}
+    groups = same_arms(runs)
+    seeds = sorted(clean)
+    n_steps = len(next(iter(clean.values())).curve)
+    what = f"{fault} " if fault else "fault "
+    over = (f"seed {seeds[0]}" if len(seeds) == 1 else
+            f"geometric mean \u00b1 std over {len(seeds)} seeds")
+    subtitle = f"{what}for {length} step{'s' * (length != 1)} from step {start}; {over}"
     written = []
+
+    def markevery(i):   # markers spaced out and offset per arm so coinciding lines show
+        every = max(1, n_steps // 10)
+        return (i * every // max(1, len(arms)) % every, every)
 
     def save(fig, name):
         path = os.path.join(out_dir, f"{task}_{name}.png")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
         written.append(path)
 
-    for name, attr, ylabel in (("probe_loss", "curve", "log10 probe loss"),
-                               ("param_norm", "param_norm", "log10 parameter L2 norm")):
-        fig, ax = plt.subplots(figsize=(7, 4))
-        _band(ax, [getattr(c, attr) for c in clean.values()], "clean")
-        for i, arm in enumerate(arms):   # arms whose curves coincide differ by line style
-            _band(ax, [getattr(r, attr) for r in runs if r.arm == arm], arm,
-                  style=_STYLES[(i + 1) % len(_STYLES)])
-        ax.axvspan(start, start + length, color="red", alpha=0.08, label="fault window")
-        ax.set(xlabel="step", ylabel=ylabel, title=f"{task}: {name.replace('_', ' ')} (mean +- std)")
-        ax.legend(fontsize=7)
-        save(fig, name)
+    def legend(ax):
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0,
+                  frameon=False)
 
-    guarded = [r for r in runs if r.arm == "guarded_probe"]
+    # probe loss, and probe loss / clean run of the same seed
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9.5, 6.5), sharex=True,
+                                      gridspec_kw={"height_ratios": (3, 2)})
+    _geo_band(top, [clean[s].curve for s in seeds], "clean (no fault)", _CLEAN_LOOK)
+    for arm, members in groups.items():
+        rs = {r.seed: r for r in runs if r.arm == arm}
+        i = arms.index(arm)
+        _geo_band(top, [rs[s].curve for s in seeds], _group_label(members), looks[arm],
+                  markevery(i))
+        _geo_band(bottom, [[y / c if c > 0 else math.nan for y, c in
+                            zip(rs[s].curve, clean[s].curve)] for s in seeds],
+                  _group_label(members), looks[arm], markevery(i))
+    _scale(top, [c.curve for c in clean.values()] + [r.curve for r in runs])
+    _scale(bottom, [], log=True)
+    for ax in (top, bottom):
+        _fault_span(ax, start, length, label=ax is top)
+        ax.grid(True, which="major", alpha=0.3)
+    legend(top)      # the arms, once; the lower panel's legend names its reference lines
+    ref = [bottom.axhline(1.0, color=_CLEAN_LOOK[0], lw=1, label="1 = clean"),
+           bottom.axhline(TOLERANCE, color="black", lw=1, ls=":",
+                          label=f"recovery tolerance ({TOLERANCE}x clean)")]
+    bottom.legend(handles=ref, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                  borderaxespad=0, frameon=False)
+    top.set(ylabel="probe loss\n(cross-entropy, nats)",
+            title=f"{task}: probe loss per arm\n{subtitle}")
+    bottom.set(xlabel="training step", ylabel="probe loss / clean\n(same seed)")
+    save(fig, "probe_loss")
+
+    # parameter norm
+    fig, ax = plt.subplots(figsize=(9.5, 4.2))
+    _geo_band(ax, [clean[s].param_norm for s in seeds], "clean (no fault)", _CLEAN_LOOK)
+    for arm, members in groups.items():
+        rs = {r.seed: r for r in runs if r.arm == arm}
+        _geo_band(ax, [rs[s].param_norm for s in seeds], _group_label(members), looks[arm],
+                  markevery(arms.index(arm)))
+    _scale(ax, [c.param_norm for c in clean.values()] + [r.param_norm for r in runs])
+    _fault_span(ax, start, length, label=True)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.set(xlabel="training step", ylabel="parameter L2 norm",
+           title=f"{task}: parameter L2 norm per arm\n{subtitle}")
+    legend(ax)
+    save(fig, "param_norm")
+
+    guarded = sorted((r for r in runs if r.arm == "guarded_probe"), key=lambda r: r.seed)
     if guarded:
-        r = guarded[0]
-        ev = [e for e in r.events if e.innovation is not None]
-        fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot([e.step for e in ev], [e.innovation for e in ev], lw=1, label="innovation nu_t")
-        ax.plot([e.step for e in ev], [e.threshold for e in ev], lw=1, label="threshold epsilon_t")
-        rej = [e for e in ev if e.decision == "rollback"]
-        ax.scatter([e.step for e in rej], [e.innovation for e in rej], color="red", s=12,
-                   label="rollback", zorder=3)
-        skips = [e.step for e in r.events if e.decision == "skip"]
-        if skips:
-            ax.plot(skips, [0.0] * len(skips), "|", color="black", ms=10, label="skip (no proposal)")
-        ax.set_yscale("symlog", linthresh=1e-2)
-        ax.axvspan(start, start + length, color="red", alpha=0.08)
-        ax.set(xlabel="step", ylabel="nu, epsilon", title=f"{task}: innovation and threshold "
-               f"(guarded_probe, seed {r.seed})")
-        ax.legend(fontsize=7)
-        save(fig, "innovation")
+        save(_innovation_figure(plt, np, task, guarded[0], start, length, fault), "innovation")
     return written
+
+
+def _innovation_figure(plt, np, task: str, run: Run, start: int, length: int,
+                       fault: str | None):
+    """The guard's test per step, nu/epsilon, with the decision line at 1: a symlog axis
+    linear in [-1, 1] (values below -1 are clipped and marked; no negative decades) and log
+    above. Gaps (skipped steps measure nothing) break the line; legend entries only for
+    markers that are drawn."""
+    nu, eps = r"$\nu$", r"$\varepsilon$"
+    measured = [e for e in run.events if e.innovation is not None and e.threshold]
+    steps = np.array([e.step for e in measured], dtype=float)
+    r = np.array([e.innovation / e.threshold for e in measured], dtype=float)
+    r[np.isnan(r)] = np.inf                          # a NaN measurement never passes
+    finite = r[np.isfinite(r)]
+    top = max(10.0, float(finite.max()) * 3 if finite.size else 10.0)
+    shown = np.clip(r, -1.0, top)
+    fig, ax = plt.subplots(figsize=(9.5, 4.2))
+    ax.set_yscale("symlog", linthresh=1.0, linscale=1.0)
+    _fault_span(ax, start, length, label=True)
+    ax.axhline(0.0, color="grey", lw=0.6)
+    ax.axhline(1.0, color="red", lw=1.2, label=f"decision line {nu} = {eps}")
+    ax.text(1.0, 1.0, f"reject ({nu} > {eps}) ", color="red", fontsize=8, ha="right",
+            va="bottom", transform=ax.get_yaxis_transform())
+    ax.text(1.0, 1.0, f"accept ({nu} \u2264 {eps}) ", color="tab:blue", fontsize=8,
+            ha="right", va="top", transform=ax.get_yaxis_transform())
+    gaps = np.flatnonzero(np.diff(steps) > 1) + 1    # no line across unmeasured steps
+    ax.plot(np.insert(steps, gaps, np.nan), np.insert(shown, gaps, np.nan), color="tab:blue",
+            lw=1.2, label=f"{nu} / {eps} (innovation / threshold)")
+    decided = {d: np.array([e.decision == d for e in measured], dtype=bool)
+               for d in ("rollback", "skip")}
+    marks = (   # (where, marker, colour, hollow, label): hollow ones leave the others visible
+        (decided["rollback"], "o", "red", True, "rollback"),
+        (decided["skip"], "s", "black", True, "skip"),
+        (r < -1, "v", "grey", False, "below -1, drawn at -1"),
+        (~np.isfinite(r) | (r > top), "^", "black", False, "non-finite, drawn at the top"),
+    )
+    for mask, marker, color, hollow, label in marks:
+        if mask.any():
+            ax.plot(steps[mask], shown[mask], marker, color=color, ms=8 if hollow else 5,
+                    mfc="none" if hollow else color, mew=1.5, ls="none", zorder=3, label=label)
+    unmeasured = [e for e in run.events if e.innovation is None or not e.threshold]
+    for decision, marker, label in (("skip", "|", "skip (nothing proposed: not measured)"),
+                                    ("rollback", "x", "rollback (not measured)")):
+        at = [e.step for e in unmeasured if e.decision == decision]
+        if at:    # on the zero line
+            ax.plot(at, [0.0] * len(at), marker, color="red" if decision == "rollback" else
+                    "black", ms=12, mew=1.5, ls="none", label=label)
+    ax.set_ylim(-1.1, top * 1.5)
+    ax.set_yticks([-1, -0.5, 0, 0.5, 1] + [10.0 ** k for k in range(1, int(math.log10(top)) + 1)])
+    ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.grid(True, axis="y", alpha=0.3)
+    what = f"{fault} " if fault else "fault "
+    ax.set(xlabel="training step",
+           ylabel=f"{nu} / {eps}\n(linear in [-1, 1], log above)",
+           title=f"{task}: the guard's test on guarded_probe, seed {run.seed}: accept iff "
+                 f"{nu} \u2264 {eps}\n({nu} = probe loss - its forecast, {eps} = threshold; "
+                 f"{what}for {length} steps from step {start})")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0,
+              frameon=False)
+    return fig
