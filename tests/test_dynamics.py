@@ -42,9 +42,22 @@ def test_lyapunov_estimate_skips_zero_velocities():
     assert float(lyapunov_estimate(torch.tensor([1.0]))) == 0.0
 
 
+PHASE_SEEDS = 64                      # st.integers(0, PHASE_SEEDS - 1): fixed seeds
+
+
 @settings(max_examples=20, deadline=None)
-@given(noise=st.floats(0.0, 0.05), seed=st.integers(0, 2**16))
+@given(noise=st.floats(0.0, 0.05), seed=st.integers(0, PHASE_SEEDS - 1))
 def test_phase_of_synthetic_trajectories(noise, seed):
+    """Margins of the phases under the jitter. The estimate learns only from steps that do
+    not fire, so the divergent series ends on the EMA of its first 19 velocities (the
+    alarm starts with the 20th): ``ln(1.3) (1 - 0.9^18) = 0.223`` against the 0.2
+    threshold. The first velocity's jitter weighs most in it (coefficient 0.105, the
+    others 0.028 in all), so at noise 0.05 its sd is 0.0054: 4.3 sd, P(fail) about 1.4e-6
+    per seed, 0.09 failing seeds expected among 65537. That is no bound for every seed,
+    so the seeds are fixed: PHASE_SEEDS of them, each run at noise 0, 0.005, ..., 0.05 by
+    tests/test_determinism.py. The other phases have over 40 sd (measured over 300 seeds
+    at noise 0.05): transient 0.140 +- 0.0009 between 0.1 and 0.2; oscillatory |lam| <
+    0.005 (marginal: 0.05), oscillation ratio >= 9 (factor: 2); convergent -0.223."""
     g = torch.Generator().manual_seed(seed)
     jitter = lambda n: (1 + noise * torch.randn(n, generator=g)).tolist()  # noqa: E731
     cases = {
