@@ -299,6 +299,7 @@ def _timing(factory: Callable[[int], Task], guards: dict[str, Callable], steps: 
         ratios = [t / b for t, b in zip(step_s[arm], step_s["bare"])]
         out[arm] = {"step_ms": 1e3 * statistics.median(step_s[arm]) / steps,
                     "step_ratio": statistics.median(ratios),
+                    "step_ratio_min": min(ratios), "step_ratio_max": max(ratios),
                     "full_ms": full[arm]["ms_per_step"], "full_ratio": full[arm]["ratio"],
                     "full_ratio_min": full[arm]["ratio_min"], "full_ratio_max": full[arm]["ratio_max"]}
     return out
@@ -345,7 +346,8 @@ def run(sizes: Sequence[int | str] | None = None, full: bool = False, quick: boo
             t = timing[name]
             rows.append({"model": label, "guard": name, **memory[name],
                          "step_ms_bare": bare["step_ms"], "step_ms_guard": t["step_ms"],
-                         "step_ratio": t["step_ratio"],
+                         "step_ratio": t["step_ratio"], "step_ratio_min": t["step_ratio_min"],
+                         "step_ratio_max": t["step_ratio_max"],
                          "full_ms_bare": bare["full_ms"], "full_ms_guard": t["full_ms"],
                          "full_ratio": t["full_ratio"], "full_ratio_min": t["full_ratio_min"],
                          "full_ratio_max": t["full_ratio_max"], "reps": reps, "steps": steps})
