@@ -5,12 +5,14 @@ and change nothing else.
 """
 
 from . import distributed
-from .events import CSVSink, StepEvent, TensorBoardSink
+from .events import (CSVSink, HFTrainerSink, LightningSink, MLflowSink, StepEvent,
+                     TensorBoardSink, WandbSink)
 from .conformal import ConformalForecast, ConformalStateSets, ConformalThreshold
 from .fisher import (EWCPenalty, FisherDiagonal, FisherDrift, ImportanceWeightedRollback,
                      ewc_penalty, fisher_effective_rank, fisher_rao_distance, gradient_snr)
 from .guard import GuardedOptimizer
 from .innovation import FixedThreshold, RelativeThreshold, accepts, ewma, innovation
+from .ladder import GuardStopped, Ladder, Quarantine, QuarantineSampler, ReRun, ResetMoments
 from .policy import Decision, Escape, RecoveryAction, ReduceLR, TightenClip, arc_recovery
 from .signals import (CurvatureSpike, GradientSpike, LossSpike, Lyapunov, NonFinite,
                       NonFiniteWeights, OptimizerStateHealth, ProbeError, Verdict, WeightNorm,
@@ -29,4 +31,6 @@ __all__ = [
     "FisherDrift", "ImportanceWeightedRollback", "EWCPenalty", "ewc_penalty",
     "fisher_rao_distance", "fisher_effective_rank", "gradient_snr", "Lyapunov",
     "CurvatureSpike", "hutchinson_trace", "hessian_lambda_max", "sam_sharpness",
+    "LightningSink", "HFTrainerSink", "WandbSink", "MLflowSink",
+    "Ladder", "GuardStopped", "ReRun", "Quarantine", "QuarantineSampler", "ResetMoments",
 ]

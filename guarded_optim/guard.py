@@ -45,6 +45,7 @@ from .distributed import (AUTO, agree, agree_host, check_world_size, full_value,
                           resolve_group, world_size)
 from .events import StepEvent
 from .innovation import FixedThreshold, RelativeThreshold, Threshold, accepts, ewma, innovation
+from .ladder import GuardStopped, Ladder, _plain_id
 from .logs import RateLimitedLog
 from .policy import Decision, RecoveryAction
 from .signals import StepMeasurement, Verdict, default_signals, global_grad_norm
@@ -129,6 +130,24 @@ def _try_probe(probe: Callable[[], Any], module: torch.nn.Module | None) -> tupl
         return math.nan, exc
 
 
+def _batch_id(x: Any) -> Any:
+    """``batch_id`` as the quarantine stores it (a list becomes a tuple), or ``TypeError``."""
+    if x is None:
+        return None
+    x = tuple(x) if isinstance(x, list) else x
+    if not _plain_id(x):
+        raise TypeError(f"batch_id must be an int, a str or a tuple of them, got "
+                        f"{type(x).__name__}; e.g. step(closure, batch_id=batch_index).")
+    return x
+
+
+def _as_float(x: Any) -> float:
+    """A loss as a host float (nan when there is none)."""
+    if isinstance(x, torch.Tensor):
+        return float(x.detach().float().mean())
+    return float(x) if isinstance(x, (int, float)) else math.nan
+
+
 def _remote_probe_error() -> ProbeError:
     return ProbeError("the probe raised on another rank; every rank rolled back to the last "
                       "verified state (see that rank's error for the cause).")
@@ -186,6 +205,9 @@ class GuardedOptimizer(Optimizer):
         recovery: healing actions run after rollbacks (:mod:`.policy`: ``ReduceLR``,
             ``Escape``, or ``arc_recovery()``). Default: none, so the guard never changes
             the optimisation itself; every action it takes is reported in the events.
+        ladder: the escalation ladder (:mod:`.ladder`): re-run a rejected step in place,
+            quarantine persistent bad batches, and when ``max_consecutive_rejections`` is
+            spent, stop with :class:`GuardStopped` (default) or re-baseline.
         process_group: the ranks that must take the same decision (:mod:`.distributed`):
             ``"auto"`` (default) reduces over the default group when one is initialised;
             a ``ProcessGroup`` reduces over it; ``None``/``False`` decides rank-locally.
@@ -229,6 +251,7 @@ class GuardedOptimizer(Optimizer):
         snapshot: str = "auto",
         callbacks: Iterable[Callable[[StepEvent], None]] = (),
         recovery: Iterable[RecoveryAction] = (),
+        ladder: Ladder | None = None,
         process_group: Any = AUTO,
     ):
         if isinstance(optimizer, GuardedOptimizer):
@@ -273,6 +296,9 @@ class GuardedOptimizer(Optimizer):
                                      '[CSVSink("guard.csv")]')
         recovery = validation.items("recovery", recovery, _is_action, "RecoveryAction instances",
                                     "[ReduceLR()]")
+        if ladder is not None:
+            validation.instance("ladder", ladder, lambda x: isinstance(x, Ladder),
+                                "a guarded_optim.Ladder, e.g. Ladder(on_exhausted='rebaseline')")
         resolve_group(process_group)  # validates; resolved again at every use ("auto")
         self._warn_on_mismatch(optimizer, probe, module, epsilon, threshold)
 
@@ -293,12 +319,14 @@ class GuardedOptimizer(Optimizer):
         self.checkpoint_every, self.save_history = checkpoint_every, save_history
         self.callbacks = callbacks
         self.recovery = recovery
+        self.ladder = ladder if ladder is not None else Ladder()
         self._snapshot_mode = snapshot
         self._ring = SnapshotRing(history, self._new_snapshot)
         self._log = RateLimitedLog()
         self._initial = copy.deepcopy((self.threshold.state_dict(),
                                        [s.state_dict() for s in self.signals],
-                                       [a.state_dict() for a in self.recovery]))
+                                       [a.state_dict() for a in self.recovery],
+                                       self.ladder.state_dict()))
         self._reset_guard_state()
 
     @staticmethod
@@ -352,8 +380,9 @@ class GuardedOptimizer(Optimizer):
         ``step()`` (a checkpoint loaded after construction), that step measures and
         captures again, before its forward pass (seen from the tensors' write counters).
         """
-        threshold, signals, recovery = copy.deepcopy(self._initial)
+        threshold, signals, recovery, ladder = copy.deepcopy(self._initial)
         self.threshold.load_state_dict(threshold)
+        self.ladder.load_state_dict(ladder)
         for s, sd in zip(self.signals, signals):
             s.load_state_dict(sd)
         for a, sd in zip(self.recovery, recovery):
@@ -380,6 +409,8 @@ class GuardedOptimizer(Optimizer):
         self.stats: dict[str, int] = {
             "steps": 0, "accepted": 0, "rollbacks": 0, "skipped": 0, "measured": 0,
             "escalations": 0, "rebaselines": 0, "escapes": 0, "skipped_amp_overflow": 0,
+            "reruns": 0, "transient": 0, "persistent": 0, "quarantined": 0,
+            "skipped_quarantined": 0, "stops": 0,
             **{f"skipped_{s.name}": 0 for s in self.signals if s.verdict is Verdict.SKIP},
             **{f"failures_{s.name}": 0 for s in self.signals if s.verdict is Verdict.FAILURE},
         }
@@ -436,8 +467,14 @@ class GuardedOptimizer(Optimizer):
                 f"alpha={self.alpha}, probe_every={self.probe_every}, signals={self.signals!r})")
 
     # -- step ------------------------------------------------------------------------------
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """Propose, measure, then accept or roll back. Returns the closure's loss, if any."""
+    def step(self, closure: Callable[[], Any] | None = None, *,  # type: ignore[override]
+             batch_id: int | str | None = None) -> Any:
+        """Propose, measure, then accept or roll back. Returns the closure's loss, if any.
+
+        ``batch_id`` names the batch for the quarantine (:mod:`.ladder`): a quarantined batch
+        is skipped, and a persistent rejection quarantines it (default: the step index).
+        Raises :class:`GuardStopped` after committing a step that spent the escalation budget.
+        """
         args, kwargs = (self,), ({"closure": closure} if closure is not None else {})
         for hook in (*_global_optimizer_pre_hooks.values(), *self._optimizer_step_pre_hooks.values()):
             result = hook(self, args, kwargs)
@@ -450,7 +487,7 @@ class GuardedOptimizer(Optimizer):
                     loss = self.inner.step(closure)
                 event = None
             else:
-                loss, event = self._transaction(closure)
+                loss, event = self._transaction(closure, _batch_id(batch_id))
             self._optimizer_step_code()
         if event is None or event.decision == Decision.ACCEPT.value:
             for hook in (*self._optimizer_step_post_hooks.values(), *_global_optimizer_post_hooks.values()):
@@ -458,21 +495,25 @@ class GuardedOptimizer(Optimizer):
         if event is not None:
             for callback in self.callbacks:   # the step is committed: an error here undoes nothing
                 callback(event)
+            if event.action and "stop" in event.action.split(","):
+                raise GuardStopped(self._stop_message(event))
         return loss
 
     step.hooked = True  # type: ignore[attr-defined]  # hooks run above, post-hooks on accept only
 
-    def _transaction(self, closure: Callable | None) -> tuple[Any, StepEvent]:
+    def _transaction(self, closure: Callable | None, batch_id: Any) -> tuple[Any, StepEvent]:
         """One guarded step that either completes or leaves the guard as it was."""
         saved = {k: getattr(self, k) for k in _COUNTERS}, dict(self.stats)
         restores = self._restores
         try:
             self._settle_pending()   # before the closure's forward moves anything
-            loss = None
+            loss, rng_before = None, None
             if closure is not None:
+                if self.ladder.rerun is not None and self.probe is not None:
+                    rng_before = rng.capture()   # a re-run draws what this run draws
                 with torch.enable_grad():
                     loss = closure()
-            return loss, self._guarded_step(loss, closure)
+            return loss, self._guarded_step(loss, closure, batch_id, rng_before)
         except BaseException:
             self.__dict__.update(saved[0])
             self.stats = saved[1]
@@ -480,7 +521,8 @@ class GuardedOptimizer(Optimizer):
                 self._unverified, self._live_is_safe = 0, True
             raise
 
-    def _guarded_step(self, loss: Any, closure: Callable | None) -> StepEvent:
+    def _guarded_step(self, loss: Any, closure: Callable | None, batch_id: Any = None,
+                      rng_before: dict | None = None) -> StepEvent:
         t = self._t
         pre, post = self._pre, self._post
 
@@ -515,6 +557,9 @@ class GuardedOptimizer(Optimizer):
         if overflowed:            # GradScaler's inf/NaN: its own skip; signals learn nothing
             self.stats["skipped_amp_overflow"] += 1
             return self._skip("amp_overflow", event)
+        if batch_id is not None and batch_id in self.ladder.quarantine:
+            self.stats["skipped_quarantined"] += 1
+            return self._skip("quarantined", event)
         names = [s.name for s, f in zip(pre, fired) if f]
         if names:
             self._observe(pre, m, False, fired)
@@ -536,6 +581,34 @@ class GuardedOptimizer(Optimizer):
             return self._finish(Decision.ACCEPT, event)
 
         # 3. measure the proposal: probe and post-step flags in one transfer
+        y, nu, eps, after, post_fired, reasons = self._measure_proposal(m, group, device, event)
+
+        # 4. decide; references learn only from the proposals that are kept
+        self._observe(pre, m, not reasons, fired)
+        self._observe(post, after, not reasons, post_fired)
+        if reasons and rng_before is not None and self._unverified == 1:
+            kind, remeasured = self._rerun(m, loss, closure, rng_before, group, device, event)
+            event.action = f"rerun:{kind}"
+            if kind == "transient":
+                y, nu, eps = remeasured
+                reasons = []
+            else:
+                self._quarantine(batch_id if batch_id is not None else t, event)
+        if reasons:
+            return self._fail(reasons, y, event)
+        self.yhat = ewma(self.yhat, y, self.alpha)   # accepted: Algorithm 1, lines 9-12
+        self.threshold.update(nu)
+        self._consecutive = 0
+        self._verify(t + 1)
+        self._healthy()
+        self.stats["accepted"] += 1
+        return self._finish(Decision.ACCEPT, event)
+
+    def _measure_proposal(self, m: StepMeasurement, group: Any, device: torch.device,
+                          event: StepEvent) -> tuple:
+        """Probe and post-step flags of the live proposal, agreed over the ranks in one
+        transfer; returns ``(y, nu, epsilon, measurement, post flags, reasons to reject)``."""
+        post = self._post
         after = m.after_proposal()
         post_flags = [s.measure(after) for s in post]
         raw, error = _try_probe(self.probe, self.module)
@@ -551,21 +624,46 @@ class GuardedOptimizer(Optimizer):
         self.stats["measured"] += 1
         nu, eps = innovation(y, self.yhat), self.threshold(self.yhat)
         event.y, event.yhat, event.innovation, event.threshold = y, self.yhat, nu, eps
-
-        # 4. decide; references learn only from the proposals that are kept
         reasons = [s.name for s, f in zip(post, post_fired) if f]
         reasons += [] if accepts(nu, eps) else ["probe"]
-        self._observe(pre, m, not reasons, fired)
-        self._observe(post, after, not reasons, post_fired)
-        if reasons:
-            return self._fail(reasons, y, event)
-        self.yhat = ewma(self.yhat, y, self.alpha)   # accepted: Algorithm 1, lines 9-12
-        self.threshold.update(nu)
-        self._consecutive = 0
-        self._verify(t + 1)
-        self._healthy()
-        self.stats["accepted"] += 1
-        return self._finish(Decision.ACCEPT, event)
+        return y, nu, eps, after, post_fired, reasons
+
+    def _rerun(self, m: StepMeasurement, loss: Any, closure: Callable, rng_before: dict,
+               group: Any, device: torch.device, event: StepEvent) -> tuple[str, tuple | None]:
+        """Rung 2 (:mod:`.ladder`): from the verified state, evaluate the closure again on the
+        same batch and the same RNG draws. ``("transient", (y, nu, eps))`` if the re-run
+        differs and its proposal passes (it is then live); ``("persistent", None)`` if it
+        reproduces, or is rejected too (the verified state is then live)."""
+        self.stats["reruns"] += 1
+        self._restore()
+        rng_after = rng.capture()
+        rng.restore(rng_before)
+        try:
+            with torch.enable_grad():
+                loss2 = closure()
+        finally:
+            rng.restore(rng_after)   # the data stream goes on from the first run
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        norm2 = full_value(global_grad_norm(grads))
+        first = [_as_float(loss), event.grad_norm]
+        differs = float(not self.ladder.rerun.same(first, [_as_float(loss2), float(norm2)]))
+        kind = "persistent"
+        if agree_host([differs], [], group)[0]:   # any rank's re-run differs: propose it
+            self._propose(_replay(loss2, closure))
+            self._unverified, self._live_is_safe = 1, False
+            y, nu, eps, after, post_fired, reasons = self._measure_proposal(m, group, device, event)
+            self._observe(self._post, after, not reasons, post_fired)
+            if not reasons:
+                self.stats["transient"] += 1
+                return "transient", (y, nu, eps)
+            self._restore()
+        self.stats["persistent"] += 1
+        return kind, None
+
+    def _quarantine(self, batch_id: Any, event: StepEvent) -> None:
+        """Rung 4: remember a batch whose rejection reproduced."""
+        if self.ladder.quarantine.add(batch_id):
+            self.stats["quarantined"] += 1
 
     def _propose(self, closure: Callable | None) -> None:
         """``inner.step()``, with the recovery actions' LR scale applied around it only."""
@@ -629,6 +727,10 @@ class GuardedOptimizer(Optimizer):
             if actions[-1] == "escape":
                 self.stats["escapes"] += 1
                 event.skip_batches = max(event.skip_batches, getattr(a, "skip_batches", 0))
+        if event.action:   # what the ladder did before the rollback (a re-run)
+            actions.insert(0, event.action)
+        if event.action and event.action.endswith("persistent"):
+            actions.insert(1, "quarantine")
         event.action = ",".join(a for a in actions if a) or None
         return self._finish(Decision.ROLLBACK, event)
 
@@ -697,6 +799,9 @@ class GuardedOptimizer(Optimizer):
             self._restore()
             return "escalate"
         self._restore()
+        if self.ladder.on_exhausted == "raise":   # nowhere older to go: stop, accept nothing
+            self.stats["stops"] += 1
+            return "stop"
         if y is None:              # nowhere older to go: the signals learn the new level
             for sig in self.signals:
                 getattr(sig, "rebase", lambda: None)()
@@ -710,6 +815,16 @@ class GuardedOptimizer(Optimizer):
             self.yhat = y
         self.stats["rebaselines"] += 1
         return "rebaseline"
+
+    def _stop_message(self, e: StepEvent) -> str:
+        return (f"GuardedOptimizer stopped at step {e.step}: {self.max_consecutive_rejections} "
+                f"proposals in a row were rejected ({e.reason}), and no older verified state is "
+                f"kept to reach back to. The model and optimizer hold the state verified at step "
+                f"{self._safe.step}; nothing rejected was applied. The run is not converging "
+                "from here as configured: save a checkpoint (opt.state_dict()), then resume with "
+                "a lower LR, look at the data around this step, keep older states "
+                "(history=N), or accept the new level with ladder=Ladder(on_exhausted="
+                f"'rebaseline'). stats: { {k: v for k, v in self.stats.items() if v} }")
 
     def _finish(self, decision: Decision, event: StepEvent) -> StepEvent:
         """Commit the step: its counters, its decision, and its log record."""
@@ -732,12 +847,13 @@ class GuardedOptimizer(Optimizer):
             self._log("rollback", logging.INFO, "step %d rolled back to the state verified at "
                       "step %d (%s%s%s)%s", e.step, self._safe.step, e.reason, measured, grad,
                       f"; action: {e.action}" if e.action else "")
-        for kind in ("escalate", "rebaseline"):
+        for kind in ("escalate", "rebaseline", "stop"):
             if e.action and kind in e.action.split(","):
                 self._log(kind, logging.WARNING, "step %d: %d rejections in a row, %s (%s); "
                           "stats: %s", e.step, self.max_consecutive_rejections or 0,
-                          "reached back to an older verified state" if kind == "escalate"
-                          else "re-based the reference on the new level", e.reason,
+                          {"escalate": "reached back to an older verified state",
+                           "rebaseline": "re-based the reference on the new level",
+                           "stop": "stopped at the last verified state"}[kind], e.reason,
                           {k: v for k, v in self.stats.items() if v})
 
     # -- state_dict ------------------------------------------------------------------------
@@ -794,6 +910,7 @@ class GuardedOptimizer(Optimizer):
             "threshold": self.threshold.state_dict(),
             "signals": {s.name: s.state_dict() for s in self.signals},
             "recovery": [a.state_dict() for a in self.recovery], "in_row": self._in_row,
+            "ladder": self.ladder.state_dict(),
             "rng": rng.capture(),
             "safe": None if live or not self._safe.captured else self._safe.state_dict(),
             "safe_is_live": live,
@@ -944,6 +1061,12 @@ class GuardedOptimizer(Optimizer):
             recovery = [copy.deepcopy(a) for a in self.recovery]
             for a, sd in zip(recovery, guard["recovery"]):
                 a.load_state_dict(sd)
+            ladder = copy.deepcopy(self.ladder)
+            if "ladder" in guard:
+                try:
+                    ladder.load_state_dict(guard["ladder"])
+                except (KeyError, TypeError, ValueError) as exc:
+                    raise ValueError(f"{key}['ladder'] is malformed: {exc}") from exc
             rng.check(guard["rng"], f"{key}['rng']")
             safe = self._new_snapshot()
             pending: Any = None
@@ -968,6 +1091,7 @@ class GuardedOptimizer(Optimizer):
 
         def commit() -> None:
             self.threshold, self.signals, self.recovery = threshold, signals, recovery
+            self.ladder = ladder
             self._safe, self._ring, self._pending = safe, ring, pending
             self._live_is_safe = pending is not None and pending != "reference"
             self.__dict__.update(counters)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import tiny
+from guarded_optim.ladder import Ladder
 from guarded_optim import Decision, GradientSpike, GuardedOptimizer, NonFinite
 from guarded_optim.faults import FaultSchedule, NonFiniteGradients, ScaleGradients
 
@@ -57,9 +58,23 @@ def test_nan_batch_poisoning_batchnorm_is_undone_by_the_next_measurement():
     assert opt.last_decision == "skip" and torch.isnan(m[1].running_mean).all()
     x, y = batches[11]
     opt.step(tiny.closure_for(opt, m, x, y))
+    # the poisoned statistics make the probe infinite: the proposal is rejected, and the
+    # re-run of the same clean batch from the verified state (clean statistics) passes
+    assert opt.last_decision == "accept" and opt.last_event.action == "rerun:transient"
+    assert opt.stats["transient"] == 1 and opt.stats["rollbacks"] == 0
+    assert torch.isfinite(m[1].running_mean).all()
+
+
+def test_nan_batch_poisoning_batchnorm_is_rolled_back_without_a_rerun():
+    m, opt, batches = make(ladder=Ladder(rerun=None))
+    run(m, opt, batches[:10])
+    safe = tiny.full_state(m, opt)
+    x, y = batches[10]
+    opt.step(tiny.closure_for(opt, m, torch.full_like(x, float("nan")), y))
+    x, y = batches[11]
+    opt.step(tiny.closure_for(opt, m, x, y))
     assert opt.last_decision == "rollback" and math.isinf(opt.last_event.innovation)
-    after = tiny.full_state(m, opt)
-    tiny.assert_same(safe, after)
+    tiny.assert_same(safe, tiny.full_state(m, opt))
 
 
 def test_nonfinite_loss_from_closure_is_skipped():
@@ -138,7 +153,8 @@ def test_benign_upward_drift_does_not_stall_forever():
     base = tiny.probe_for(m, probe_set)
     shift["on"] = False
     opt = GuardedOptimizer(torch.optim.SGD(m.parameters(), lr=1e-3), probe, module=m,
-                           epsilon=0.05, max_consecutive_rejections=5, history=0)
+                           epsilon=0.05, max_consecutive_rejections=5, history=0,
+                           ladder=Ladder(on_exhausted="rebaseline"))   # opted in
     run(m, opt, batches[:10])
     shift["on"] = True
     d = run(m, opt, batches[10:])
@@ -147,7 +163,8 @@ def test_benign_upward_drift_does_not_stall_forever():
 
 
 def test_repeated_rejections_escalate_to_older_verified_snapshot():
-    m, opt, batches = make(steps=40, max_consecutive_rejections=3, history=2, checkpoint_every=4)
+    m, opt, batches = make(steps=40, max_consecutive_rejections=3, history=2, checkpoint_every=4,
+                           ladder=Ladder(rerun=None))
     states = {}
     for t, (x, y) in enumerate(batches[:13]):
         opt.step(tiny.closure_for(opt, m, x, y))

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tiny
+from guarded_optim.ladder import Ladder
 from guarded_optim import (FixedThreshold, GuardedOptimizer, NonFinite,
                            RelativeThreshold, ReduceLR)
 
@@ -408,7 +409,7 @@ def test_rebaseline_is_a_warning(caplog):
     probe_set, batches = tiny.data(0, steps=8)
     opt = GuardedOptimizer(torch.optim.SGD(m.parameters(), lr=1e3), tiny.probe_for(m, probe_set),
                            module=m, epsilon=1e-3, max_consecutive_rejections=2,
-                           signals=[NonFinite()])
+                           signals=[NonFinite()], ladder=Ladder(on_exhausted="rebaseline"))
     caplog.set_level(logging.INFO, logger="guarded_optim")
     for x, yb in batches:
         opt.step(tiny.closure_for(opt, m, x, yb))

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import tiny
+from guarded_optim.ladder import Ladder
 from guarded_optim import Escape, GuardedOptimizer, ReduceLR, TightenClip, arc_recovery
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -13,6 +14,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def guard(recovery, lr=0.1, **kw):
     m = tiny.model()
     probe_set, batches = tiny.data(steps=80)
+    kw.setdefault("ladder", Ladder(rerun=None, on_exhausted="rebaseline"))  # the rollback rungs alone
     opt = GuardedOptimizer(torch.optim.SGD(m.parameters(), lr=lr), tiny.probe_for(m, probe_set),
                            module=m, recovery=recovery, **kw)
     return m, opt, batches

@@ -24,7 +24,7 @@ from .suites import (ABLATION_SCENARIOS, QUICK_SCENARIOS, ablation, protocol, sc
                      scenario_suite, scenario_summary)
 from .tasks import TASKS
 
-SUITES = ("default", "protocol", "scenarios", "ablation", "scaling", "all")
+SUITES = ("default", "protocol", "scenarios", "ablation", "scaling", "memory", "all")
 
 #: paper 001's protocol: (steps, fault start, fault length), and the ``--quick`` one. The quick
 #: fault comes late enough to hurt bare AdamW on seeds 0 and 1 (measured: final probe loss
@@ -142,6 +142,17 @@ def _scaling(args, tick) -> None:
           f"{args.repeats} paired repetitions)", table, "params", args.out, "scaling")
 
 
+def _memory(args, tick) -> None:
+    from . import memory
+    rows = memory.run(full=args.full, quick=args.quick, reps=args.repeats, out=args.out, tick=tick)
+    print("\n## memory: bytes the guard holds per parameter beyond bare AdamW (its tensors; "
+          "RSS growth), checkpoint bytes per parameter bare vs guarded, and opt.step() / "
+          f"full-step time ratios (median of {args.repeats} paired repetitions)\n")
+    print(memory.format_table(rows))
+    if args.out:
+        print(f"\nwrote {os.path.join(args.out, 'memory.csv')} and memory.png")
+
+
 def bench(args: argparse.Namespace) -> None:
     if args.out:
         os.makedirs(args.out, exist_ok=True)
@@ -165,6 +176,8 @@ def bench(args: argparse.Namespace) -> None:
             _ablation(args, tick)
         if "scaling" in suites:
             _scaling(args, tick)
+        if "memory" in suites:
+            _memory(args, tick)
     finally:
         tick.close()
     print(f"\n{args.suite} suite finished in {time.perf_counter() - began:.0f} s "
@@ -228,6 +241,9 @@ def _suite_help() -> list[tuple[str, str]]:
         ("scaling", "the guard's overhead ratio at "
                     f"{_and(_millions(s) for s in SCALING_SIZES)} parameters."),
     ]
+    pairs.append(("memory", "bytes held per parameter beyond bare, checkpoint bytes per "
+                            "parameter bare vs guarded, peak RSS and time ratios, from 0.1M "
+                            "to 10M parameters and the reference GPT (100M with --full)."))
     pairs.append(("all", "every suite above except default."))
     return pairs
 
@@ -274,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw, qsw = SCENARIO_WINDOW, QUICK_SCENARIO_WINDOW
     b.add_argument("--suite", default="default", choices=SUITES,
                    help="which benchmark to run, described above (default: '%(default)s')")
+    b.add_argument("--full", action="store_true",
+                   help="memory suite: add the 100M-parameter row (about 6 GB of RAM, minutes)")
     b.add_argument("--task", action="append", choices=TASKS,
                    help="protocol task; repeat for several (default: cnn; the default suite "
                         "adds the transformer except under --quick)")

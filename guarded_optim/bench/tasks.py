@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..ladder import GuardStopped
 from . import data, models
 
 __all__ = ["Task", "make_task", "scaling_task", "TASKS", "train"]
@@ -86,10 +87,15 @@ def train(task: Task, optimizer: torch.optim.Optimizer, steps: int = 250, faults
     """Train ``steps`` steps; return the probe loss after every step.
 
     ``optimizer.step`` gets a closure returning the loss already computed (no second
-    forward), so loss-based signals see it; bare optimizers return it unchanged.
+    forward), so loss-based signals see it; bare optimizers return it unchanged. A guard
+    that stops (:class:`~guarded_optim.GuardStopped`: its escalation budget spent) ends the
+    run there, at its last verified state: the rest of the curve repeats that probe loss.
     """
     curve = []
     for t, (x, y) in enumerate(task.batches(steps)):
+        if getattr(optimizer, "stopped", False):
+            curve.append(curve[-1])
+            continue
         optimizer.zero_grad()
         loss = task.loss_fn(task.model(x), y)
         if faults is not None:
@@ -97,7 +103,10 @@ def train(task: Task, optimizer: torch.optim.Optimizer, steps: int = 250, faults
         loss.backward()
         if faults is not None:
             faults.before_step(t, optimizer)
-        optimizer.step(lambda loss=loss: loss)  # the loss, already computed, for loss signals
+        try:
+            optimizer.step(lambda loss=loss: loss)  # the loss, already computed, for loss signals
+        except GuardStopped:
+            optimizer.stopped = True
         if faults is not None:
             faults.after_step(t, optimizer)
         curve.append(task.probe_loss())

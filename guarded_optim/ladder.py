@@ -1,0 +1,203 @@
+"""The escalation ladder: what the guard does when rejections keep coming.
+
+Rungs, in order (each an event, a ``stats`` counter and a log record):
+
+1. **skip** -- a pre-step signal fires: the step is not applied (``stats["skipped"]``).
+2. **re-run in place** (:class:`ReRun`) -- a measured proposal is rejected and the user
+   passed a closure: the state goes back to the last verified one, and the closure is
+   evaluated once more on the same batch, with the RNG streams it drew from the first time
+   (Megatron-LM's rerun state machine, inside one ``step()``). A re-run that differs and
+   whose proposal passes is *transient* (a hardware fault, silent data corruption): it is
+   applied (``stats["transient"]``). One that reproduces the loss and gradient norm, or
+   whose proposal is rejected again, is *persistent*: the batch is bad
+   (``stats["persistent"]``). The RNG streams then continue from where the first run left
+   them: re-running never rewinds the data stream.
+3. **roll back** to the last verified state (``stats["rollbacks"]``).
+4. **quarantine** (:class:`Quarantine`) -- a persistent rejection records the batch's
+   identity (``step(closure, batch_id=...)``, else the step index) in the guard's state;
+   :class:`QuarantineSampler` skips quarantined batches on later epochs and after a resume
+   (``stats["quarantined"]``).
+5. **reach back** to an older verified state when ``history`` keeps one
+   (``stats["escalations"]``); opt-in recovery actions act here too (``ReduceLR``,
+   :class:`ResetMoments`).
+6. **stop** -- after ``max_consecutive_rejections`` rejections in a row with nowhere older to
+   go, ``step()`` raises :class:`GuardStopped` (the state is the last verified one; the
+   message says what happened and how to resume), unless the ladder was built with
+   ``on_exhausted="rebaseline"``: then the references are re-based on the new level
+   (``stats["rebaselines"]``), the 0.1.0 behaviour.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Hashable, Iterator
+
+import torch
+
+from .policy import RecoveryAction
+
+__all__ = ["GuardStopped", "ReRun", "Quarantine", "QuarantineSampler", "ResetMoments", "Ladder"]
+
+_EXHAUSTED = ("raise", "rebaseline")
+
+
+class GuardStopped(RuntimeError):
+    """The escalation budget is spent: the guard will not accept what it kept rejecting."""
+
+
+class ReRun:
+    """Rung 2: tell a transient rejection from a persistent one by evaluating the closure
+    once more on the same batch (see the module docstring).
+
+    ``same(first, second)`` says whether two ``(loss, grad_norm)`` readings reproduce each
+    other: bit for bit by default (``rtol=0``; deterministic kernels reproduce exactly), or
+    within ``rtol`` for nondeterministic ones.
+    """
+
+    name = "rerun"
+
+    def __init__(self, rtol: float = 0.0):
+        if not rtol >= 0:
+            raise ValueError(f"Invalid rtol: {rtol!r}; it must be >= 0.")
+        self.rtol = float(rtol)
+
+    def same(self, first: tuple[float, float], second: tuple[float, float]) -> bool:
+        return all(a == b or abs(a - b) <= self.rtol * max(abs(a), abs(b))
+                   for a, b in zip(first, second))
+
+    def __repr__(self) -> str:
+        return f"ReRun(rtol={self.rtol})"
+
+
+def _plain_id(x: Any) -> bool:
+    """A batch id that a ``weights_only`` checkpoint holds: an int, a str, or a tuple of them."""
+    if isinstance(x, tuple):
+        return all(isinstance(i, (int, str)) and not isinstance(i, bool) for i in x)
+    return isinstance(x, (int, str)) and not isinstance(x, bool)
+
+
+class Quarantine:
+    """Rung 4: the identities of batches whose rejection was persistent (plain data, saved
+    in the guard's ``state_dict``). ``batch_id in quarantine`` asks."""
+
+    name = "quarantine"
+
+    def __init__(self) -> None:
+        self.ids: list[Hashable] = []
+        self._set: set = set()
+
+    def add(self, batch_id: Hashable) -> bool:
+        """Record ``batch_id``; ``False`` if it was already quarantined."""
+        if isinstance(batch_id, list):
+            batch_id = tuple(batch_id)
+        if not _plain_id(batch_id):
+            raise TypeError(f"batch_id must be an int, a str or a tuple of them (so checkpoints "
+                            f"can hold it), got {type(batch_id).__name__}.")
+        if batch_id in self._set:
+            return False
+        self.ids.append(batch_id)
+        self._set.add(batch_id)
+        return True
+
+    def __contains__(self, batch_id: Hashable) -> bool:
+        return batch_id in self._set
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ids": list(self.ids)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ids = state["ids"]
+        if not isinstance(ids, list) or not all(_plain_id(i) for i in ids):
+            raise ValueError("the quarantine's 'ids' must be a list of ints, strings or tuples "
+                             "of them.")
+        self.ids, self._set = list(ids), set(ids)
+
+    def __repr__(self) -> str:
+        return f"Quarantine({len(self.ids)} batches)"
+
+
+class QuarantineSampler(torch.utils.data.Sampler):
+    """Wrap a sampler or batch sampler: yield only what the guard has not quarantined.
+
+    ``key(item)`` is the batch identity the loop passes as ``step(closure, batch_id=...)``
+    (default: the item itself for a sampler of ints; ``tuple(batch)`` for a batch sampler
+    is a good key). The guard's quarantine is read at every ``__iter__``, so batches
+    quarantined during an epoch are skipped from the next epoch on, and after a resume.
+    """
+
+    def __init__(self, sampler, guard, key=None):
+        self.sampler, self.guard = sampler, guard
+        self.key = key if key is not None else (lambda item: item)
+
+    def __iter__(self) -> Iterator:
+        quarantine = self.guard.ladder.quarantine
+        for item in self.sampler:
+            if quarantine is None or self.key(item) not in quarantine:
+                yield item
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class ResetMoments(RecoveryAction):
+    """Rung 5, opt-in (SPAM-style): after ``after`` rollbacks in a row, zero the optimizer's
+    first-moment buffers (``keys``), so a momentum built from the damaging steps does not
+    push the restored weights back into it. Second moments are kept (zeroing them makes
+    Adam's next updates huge)."""
+
+    name = "reset_moments"
+
+    def __init__(self, after: int = 2, keys: tuple[str, ...] = ("exp_avg", "momentum_buffer")):
+        if after < 1:
+            raise ValueError(f"Invalid after: {after!r}; it must be >= 1.")
+        self.after, self.keys, self.resets = after, tuple(keys), 0
+
+    def on_rollback(self, guard, consecutive):
+        if consecutive < self.after:
+            return None
+        bufs = [v for st in guard.state.values() for k, v in st.items()
+                if k in self.keys and isinstance(v, torch.Tensor)]
+        if bufs:
+            torch._foreach_zero_(bufs)
+        self.resets += 1
+        return "reset_moments"
+
+    def state_dict(self):
+        return {"resets": self.resets}
+
+    def load_state_dict(self, state):
+        self.resets = int(state["resets"])
+
+    def __repr__(self):
+        return f"ResetMoments(after={self.after}, keys={self.keys})"
+
+
+class Ladder:
+    """The rungs the guard climbs (see the module docstring); each part is optional.
+
+    Args:
+        rerun: a :class:`ReRun` (default), or ``None`` to roll back without re-running.
+        quarantine: the :class:`Quarantine` to fill (default: a new one).
+        on_exhausted: ``"raise"`` (default: :class:`GuardStopped`) or ``"rebaseline"``.
+    """
+
+    def __init__(self, rerun: ReRun | None = ReRun(), quarantine: Quarantine | None = None,
+                 on_exhausted: str = "raise"):
+        if rerun is not None and not isinstance(rerun, ReRun):
+            raise TypeError(f"rerun must be a ReRun() or None, got {rerun!r}.")
+        if on_exhausted not in _EXHAUSTED:
+            raise ValueError(f"Invalid on_exhausted: {on_exhausted!r}; choose one of {_EXHAUSTED}.")
+        self.rerun = ReRun(rerun.rtol) if rerun is not None else None
+        self.quarantine = quarantine if quarantine is not None else Quarantine()
+        self.on_exhausted = on_exhausted
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"quarantine": self.quarantine.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.quarantine.load_state_dict(state["quarantine"])
+
+    def __repr__(self) -> str:
+        return f"Ladder(rerun={self.rerun!r}, quarantine={self.quarantine!r}, on_exhausted={self.on_exhausted!r})"

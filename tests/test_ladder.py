@@ -1,0 +1,165 @@
+"""The escalation ladder: each rung driven by an ordinary training loop."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
+
+import tiny
+from guarded_optim import GuardedOptimizer, NonFinite
+from guarded_optim.ladder import (GuardStopped, Ladder, QuarantineSampler, ResetMoments)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _guard(**kw):
+    m = tiny.model(0)
+    probe_set, batches = tiny.data(0, steps=40)
+    kw.setdefault("signals", [NonFinite()])   # let damage reach the probe
+    opt = GuardedOptimizer(torch.optim.SGD(m.parameters(), lr=0.05), tiny.probe_for(m, probe_set),
+                           module=m, epsilon=0.5, **kw)
+    return m, opt, batches
+
+
+def _closure(opt, m, x, y, scale=None):
+    calls = {"n": 0}
+
+    def closure():
+        calls["n"] += 1
+        opt.zero_grad()
+        loss = F.mse_loss(m(x), y)
+        if scale is not None:
+            loss = loss * scale(calls["n"])
+        loss.backward()
+        return loss
+    return closure, calls
+
+
+def test_rung2_a_transient_fault_is_rerun_and_applied():
+    m, opt, batches = _guard()
+    for x, y in batches[:5]:
+        opt.step(_closure(opt, m, x, y)[0])
+    x, y = batches[5]
+    # the first evaluation is corrupted (as by a flaky device), the re-run is not
+    closure, calls = _closure(opt, m, x, y, scale=lambda n: 1e4 if n == 1 else 1.0)
+    opt.step(closure)
+    assert calls["n"] == 2
+    assert opt.last_decision == "accept" and opt.last_event.action == "rerun:transient"
+    assert opt.stats["reruns"] == opt.stats["transient"] == 1 and opt.stats["rollbacks"] == 0
+    # the applied step is exactly the clean step from the verified state
+    m2, ref, _ = _guard()
+    for x2, y2 in batches[:6]:
+        ref.step(_closure(ref, m2, x2, y2)[0])
+    tiny.assert_same(tiny.full_state(m, opt), tiny.full_state(m2, ref))
+
+
+def test_rung2_4_a_persistent_bad_batch_is_rolled_back_and_quarantined(caplog):
+    m, opt, batches = _guard()
+    for x, y in batches[:5]:
+        opt.step(_closure(opt, m, x, y)[0])
+    verified = tiny.full_state(m, opt)
+    x, y = batches[5]
+    caplog.set_level(logging.INFO, logger="guarded_optim")
+    opt.step(_closure(opt, m, x, y * 1e3)[0], batch_id="shard3/batch17")   # bad labels
+    assert opt.last_decision == "rollback"
+    assert opt.last_event.action.startswith("rerun:persistent,quarantine")
+    assert opt.stats["persistent"] == opt.stats["quarantined"] == 1
+    assert "shard3/batch17" in opt.ladder.quarantine
+    tiny.assert_same(tiny.full_state(m, opt), verified)
+    assert any("rolled back" in r.getMessage() and "quarantine" in r.getMessage()
+               for r in caplog.records)
+    # the same batch again: skipped before anything is proposed
+    opt.step(_closure(opt, m, x, y * 1e3)[0], batch_id="shard3/batch17")
+    assert opt.last_decision == "skip" and opt.last_event.reason == "quarantined"
+    assert opt.stats["skipped_quarantined"] == 1
+
+
+def test_rung2_a_rerun_draws_the_same_masks_and_the_data_stream_goes_on():
+    m = tiny.model(0, dropout=0.3)
+    probe_set, batches = tiny.data(0, steps=8)
+    opt = GuardedOptimizer(torch.optim.SGD(m.parameters(), lr=0.05), tiny.probe_for(m, probe_set),
+                           module=m, epsilon=1e-9, signals=[NonFinite()])
+    x, y = batches[0]
+    torch.manual_seed(5)
+    with torch.no_grad():
+        m(x)                                      # what one forward pass draws, unguarded
+    expected = torch.get_rng_state()
+    torch.manual_seed(5)
+    opt.step(_closure(opt, m, x, y * 1e3)[0])   # rejected: re-run on the same masks reproduces
+    assert opt.last_event.action.startswith("rerun:persistent")
+    assert torch.equal(torch.get_rng_state(), expected)   # drawn once, as if never re-run
+
+
+def test_quarantine_sampler_skips_quarantined_batches_next_epoch_and_after_resume():
+    m, opt, batches = _guard()
+    xs = torch.cat([x for x, _ in batches[:8]])
+    ys = torch.cat([y for _, y in batches[:8]])
+    ys[64:96] *= 1e3                                # one shard of mislabelled examples
+    data = TensorDataset(xs, ys)
+    sampler = QuarantineSampler(BatchSampler(SequentialSampler(data), 32, False), opt, key=tuple)
+    loader = DataLoader(data, batch_sampler=sampler)
+    seen = []
+    for epoch in range(2):
+        for batch, (x, y) in zip(list(sampler), loader):   # the loader draws from the sampler
+            seen.append((epoch, batch[0]))
+            opt.step(_closure(opt, m, x, y)[0], batch_id=tuple(batch))
+    assert (0, 64) in seen and (1, 64) not in seen and len(seen) == 15
+    assert opt.stats["quarantined"] == 1 and tuple(range(64, 96)) in opt.ladder.quarantine
+    sd = opt.state_dict()
+    m2, opt2, _ = _guard()
+    opt2.load_state_dict(sd)
+    assert [b[0] for b in QuarantineSampler(BatchSampler(SequentialSampler(data), 32, False),
+                                            opt2, key=tuple)] == [0, 32, 96, 128, 160, 192, 224]
+
+
+def test_rung5_reset_moments_is_opt_in_and_reported():
+    m = tiny.model(0)
+    probe_set, batches = tiny.data(0, steps=12)
+    opt = GuardedOptimizer(torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9),
+                           tiny.probe_for(m, probe_set), module=m, epsilon=0.5,
+                           signals=[NonFinite()], recovery=[ResetMoments(after=1)],
+                           ladder=Ladder(rerun=None))
+    for x, y in batches[:4]:
+        opt.step(_closure(opt, m, x, y)[0])
+    x, y = batches[4]
+    opt.step(_closure(opt, m, x, y * 1e3)[0])
+    assert opt.last_decision == "rollback" and "reset_moments" in opt.last_event.action
+    assert all(float(st["momentum_buffer"].abs().sum()) == 0 for st in opt.state.values())
+
+
+def test_rung6_the_budget_spent_stops_with_a_clear_error_at_the_verified_state(caplog):
+    m, opt, batches = _guard(max_consecutive_rejections=3)
+    for x, y in batches[:4]:
+        opt.step(_closure(opt, m, x, y)[0])
+    verified = tiny.full_state(m, opt)
+    caplog.set_level(logging.INFO, logger="guarded_optim")
+    with pytest.raises(GuardStopped, match="3 proposals in a row were rejected") as info:
+        for x, y in batches[4:10]:
+            opt.step(_closure(opt, m, x, y * 1e3)[0])
+    assert "Ladder(on_exhausted='rebaseline')" in str(info.value) and "state_dict" in str(info.value)
+    assert opt.stats["stops"] == 1 and opt.stats["rollbacks"] == 3 and opt._t == 7
+    tiny.assert_same(tiny.full_state(m, opt), verified)
+    assert any(r.levelno == logging.WARNING and "stopped" in r.getMessage() for r in caplog.records)
+
+
+def test_rung6_rebaseline_is_an_opt_in():
+    m, opt, batches = _guard(max_consecutive_rejections=3, ladder=Ladder(on_exhausted="rebaseline"))
+    for x, y in batches[:4]:
+        opt.step(_closure(opt, m, x, y)[0])
+    for x, y in batches[4:10]:
+        opt.step(_closure(opt, m, x, y * 1e3)[0])
+    assert opt.stats["rebaselines"] >= 1 and opt.stats["stops"] == 0
+
+
+def test_ladder_arguments_are_checked():
+    with pytest.raises(ValueError, match="on_exhausted"):
+        Ladder(on_exhausted="ignore")
+    with pytest.raises(TypeError, match="rerun"):
+        Ladder(rerun=True)
+    m = tiny.model(0)
+    with pytest.raises(TypeError, match="Ladder"):
+        GuardedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), ladder=Ladder)
