@@ -144,10 +144,11 @@ def _scaling(args, tick) -> None:
 
 def _memory(args, tick) -> None:
     from . import memory
-    rows = memory.run(full=args.full, quick=args.quick, reps=args.repeats, out=args.out, tick=tick)
+    reps = min(args.repeats, 3) if args.quick else args.repeats   # memory.run caps quick runs
+    rows = memory.run(full=args.full, quick=args.quick, reps=reps, out=args.out, tick=tick)
     print("\n## memory: bytes the guard holds per parameter beyond bare AdamW (its tensors; "
           "RSS growth), checkpoint bytes per parameter bare vs guarded, and opt.step() / "
-          f"full-step time ratios (median of {args.repeats} paired repetitions)\n")
+          f"full-step time ratios (median of {reps} paired repetitions)\n")
     print(memory.format_table(rows))
     if args.out:
         print(f"\nwrote {os.path.join(args.out, 'memory.csv')} and memory.png")
