@@ -210,7 +210,29 @@ def _scenario_probe_error(rank, outdir):
             "verified": verified}
 
 
-SCENARIOS = {"probe_error": _scenario_probe_error, "clean": _scenario_clean, "faults": _scenario_faults,
+def _scenario_rng(rank, outdir):
+    """Per-rank RNG contract: every rank saves its own streams; loading rank 0's file (the
+    common practice) keeps each rank's streams; restoring is explicit and rank-checked."""
+    model, opt, _ = _ddp_run(rank, steps=3)
+    torch.manual_seed(1000 + rank)             # each rank its own stream (dropout, sampling)
+    sd = opt.state_dict()
+    torch.save(sd, os.path.join(outdir, f"rng_rank{rank}.pt"))
+    torch.distributed.barrier()
+    rank0 = torch.load(os.path.join(outdir, "rng_rank0.pt"), weights_only=True)
+    opt.load_state_dict(rank0)
+    draw_after_load = torch.randint(0, 10**6, (4,))
+    refused = None
+    try:
+        opt.restore_rng_state(rank0)
+    except ValueError as exc:
+        refused = str(exc)
+    own = torch.load(os.path.join(outdir, f"rng_rank{rank}.pt"), weights_only=True)
+    opt.restore_rng_state(own)
+    return {"saved_rank": sd["guard"]["rng"]["rank"], "draw_after_load": draw_after_load,
+            "refused": refused, "restored": torch.get_rng_state(), "own": own["guard"]["rng"]["cpu"]}
+
+
+SCENARIOS = {"rng": _scenario_rng, "probe_error": _scenario_probe_error, "clean": _scenario_clean, "faults": _scenario_faults,
              "bare_faults": _scenario_bare_faults, "rank_local": _scenario_rank_local,
              "agree": _scenario_agree, "fsdp": _scenario_fsdp}
 
@@ -334,6 +356,15 @@ def test_every_rank_saves_the_same_guard_state_and_it_loads_on_one_rank(ranks):
     F.mse_loss(model(batches[0][0]), batches[0][1]).backward()
     opt.step()
     assert opt.last_decision == "accept"
+
+
+def test_each_rank_keeps_its_own_rng_streams_through_a_shared_checkpoint(ranks):
+    r0, r1 = _get(ranks, "rng")
+    assert (r0["saved_rank"], r1["saved_rank"]) == (0, 1)
+    # rank 1 loaded rank 0's file: its stream was not replaced by rank 0's
+    assert not torch.equal(r0["draw_after_load"], r1["draw_after_load"])
+    assert r0["refused"] is None and "saved by rank 0, this is rank 1" in r1["refused"]
+    assert torch.equal(r0["restored"], r0["own"]) and torch.equal(r1["restored"], r1["own"])
 
 
 def test_a_probe_error_on_one_rank_raises_on_every_rank_instead_of_hanging(ranks):
