@@ -37,7 +37,7 @@ from typing import Any, Sequence
 import torch
 
 __all__ = ["AUTO", "resolve_group", "world_size", "pack", "full_value", "agree", "agree_mean",
-           "agree_host", "sharded", "check_world_size"]
+           "agree_host", "collective_device", "sharded", "check_world_size"]
 
 AUTO = "auto"
 
@@ -93,45 +93,69 @@ def full_value(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def agree(values: torch.Tensor, means: Sequence[int], group: Any) -> torch.Tensor:
-    """``values`` summed over the ranks of ``group`` (in place), ``means`` entries averaged.
+def agree(values: torch.Tensor, means: Sequence[int], group: Any,
+          device: torch.device | None = None) -> torch.Tensor:
+    """``values`` summed over the ranks of ``group``, ``means`` entries averaged.
 
     ``values`` packs one host transfer: flags (0/1; after the sum, ``> 0`` iff any rank
     fired) and measurements at the indices ``means`` (after the sum, divided by the world
-    size). One ``all_reduce``; no host sync of its own (the caller reads the result). With
-    ``group=None`` or one rank, ``values`` is returned untouched, so a single process
-    behaves bit for bit as without this module.
+    size). One ``all_reduce``, on the device the group's backend can reduce on
+    (:func:`collective_device`; ``device`` is the parameters' accelerator, if any); no host
+    sync of its own (the caller reads the result). With ``group=None`` or one rank,
+    ``values`` is returned untouched, so a single process behaves bit for bit as without
+    this module.
     """
     n = world_size(group)
     if n == 1:
         return values
-    _dist().all_reduce(values, op=_dist().ReduceOp.SUM, group=group)
+    where = collective_device(str(_dist().get_backend(group)), values.device, device)
+    buf = values if where == values.device else values.to(where)
+    _dist().all_reduce(buf, op=_dist().ReduceOp.SUM, group=group)
     for i in means:
-        values[i] /= n
-    return values
+        buf[i] /= n
+    return buf
 
 
-def agree_mean(y: float, group: Any) -> float:
+def agree_mean(y: float, group: Any, device: torch.device | None = None) -> float:
     """The mean of a host scalar over the ranks (one ``all_reduce``, one sync); ``y`` alone
     without a group. For the rare re-measurements of the probe outside the step's transfer."""
-    return agree_host([y], [0], group)[0]
+    return agree_host([y], [0], group, device)[0]
 
 
-def agree_host(values: Sequence[float], means: Sequence[int], group: Any) -> list[float]:
-    """:func:`agree` for host numbers (flags and measurements read outside a step's transfer):
-    one ``all_reduce`` on the group's collective device; the values themselves without one."""
+def agree_host(values: Sequence[float], means: Sequence[int], group: Any,
+               device: torch.device | None = None) -> list[float]:
+    """:func:`agree` for host numbers (flags and measurements read outside a step's transfer,
+    or rank-local decisions that gate a collective): the values themselves without a group."""
     if world_size(group) == 1:
         return list(values)
-    device = _collective_device(group)
-    return agree(torch.tensor(list(values), dtype=torch.float64, device=device), means, group).tolist()
+    return agree(torch.tensor(list(values), dtype=torch.float64), means, group, device).tolist()
 
 
-def _collective_device(group: Any) -> torch.device:
-    """CPU for gloo, the current accelerator for NCCL-like backends."""
-    backend = str(_dist().get_backend(group)).lower()
-    if "gloo" in backend or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device())
+def collective_device(backend: str, tensor: torch.device, accelerator: torch.device | None) -> torch.device:
+    """Where a vector on ``tensor``'s device can be all_reduced by ``backend``.
+
+    * a backend that serves the tensor's device type (``"gloo"`` for CPU and CUDA tensors,
+      ``"cpu:gloo,cuda:nccl"`` for both) reduces it where it is: no copy;
+    * a CUDA-only backend (``"nccl"``) gets a CPU vector (flags of a step with no gradient, a
+      CPU-offloaded FSDP2 model) moved to ``accelerator``, the device of the parameters this
+      rank trains -- never ``cuda:current_device()``, which is ``cuda:0`` on every rank that
+      did not call ``set_device``. For CPU offload under NCCL, initialise the group as
+      ``init_process_group("cpu:gloo,cuda:nccl")`` and nothing is copied.
+    """
+    backend = backend.lower()
+    kind = tensor.type
+    if backend in ("gloo", "mpi"):
+        return tensor                       # they reduce CPU (and gloo CUDA) tensors
+    served = {part.split(":")[0] for part in backend.split(",") if ":" in part}
+    if kind in served or (not served and kind != "cpu"):
+        return tensor
+    if accelerator is not None and accelerator.type != "cpu":
+        return accelerator
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    raise RuntimeError(f"process group backend {backend!r} cannot reduce a {kind} tensor and no "
+                       "accelerator holds this rank's parameters; use "
+                       "init_process_group('cpu:gloo,cuda:nccl').")
 
 
 def sharded(params: Sequence[torch.Tensor]) -> bool:

@@ -365,6 +365,22 @@ class GuardedOptimizer(Optimizer):
         """Rollback needs snapshots: a probe, or any signal that can issue FAILURE."""
         return self.probe is not None or any(s.verdict is Verdict.FAILURE for s in self.signals)
 
+    def _accelerator(self) -> torch.device | None:
+        """The device of the first parameter not on the CPU (where NCCL reduces), if any."""
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.device.type != "cpu":
+                    return p.device
+        return None
+
+    def _agreed(self, flag: bool) -> bool:
+        """A rank-local decision that gates a collective (or the ring's length), made the
+        same on every rank: true if it is true on any rank. Free without a process group."""
+        group = resolve_group(self.process_group)
+        if world_size(group) == 1:
+            return flag
+        return agree_host([float(flag)], [], group, self._accelerator())[0] > 0
+
     def _on_meta(self) -> bool:
         """Meta parameters hold no values: the guard then steps exactly as the bare optimizer."""
         for g in self.param_groups:
@@ -539,7 +555,7 @@ class GuardedOptimizer(Optimizer):
         if overflow is not None:
             parts.append(overflow.to(device, torch.float32).reshape(1))
         group = resolve_group(self.process_group)
-        values = agree(pack(parts), [len(pre)], group).tolist()  # every rank alike
+        values = agree(pack(parts), [len(pre)], group, self._accelerator()).tolist()  # every rank alike
         overflowed = overflow is not None and bool(values.pop())
         fired, state_fired = ([bool(v) for v in values[: len(pre)]],
                               [bool(v) for v in values[len(pre) + 1:]])
@@ -615,7 +631,7 @@ class GuardedOptimizer(Optimizer):
         parts = [torch.as_tensor(raw).detach().to(device, torch.float64).reshape(1)]
         parts += [f.to(device, torch.float64).reshape(1) for f in post_flags]
         parts.append(torch.full((1,), float(error is not None), dtype=torch.float64, device=device))
-        values = agree(pack(parts), [0], group).tolist()  # probe mean, flags any-rank
+        values = agree(pack(parts), [0], group, self._accelerator()).tolist()  # probe mean, flags any-rank
         if values.pop():   # the probe raised on some rank: every rank restores and raises
             self._restore()  # never leave an unmeasured proposal behind
             raise error or _remote_probe_error()
@@ -648,7 +664,7 @@ class GuardedOptimizer(Optimizer):
         first = [_as_float(loss), event.grad_norm]
         differs = float(not self.ladder.rerun.same(first, [_as_float(loss2), float(norm2)]))
         kind = "persistent"
-        if agree_host([differs], [], group)[0]:   # any rank's re-run differs: propose it
+        if agree_host([differs], [], group, self._accelerator())[0]:   # any rank's re-run differs
             self._propose(_replay(loss2, closure))
             self._unverified, self._live_is_safe = 1, False
             y, nu, eps, after, post_fired, reasons = self._measure_proposal(m, group, device, event)
@@ -693,7 +709,8 @@ class GuardedOptimizer(Optimizer):
         self._safe.capture(step, yhat=self.yhat)
         self._live_is_safe = True
         self._since_push += 1
-        if self._since_push >= self.checkpoint_every or any(a.wants_checkpoint(self) for a in self.recovery):
+        if self._since_push >= self.checkpoint_every or self._agreed(
+                any(a.wants_checkpoint(self) for a in self.recovery)):
             self._ring.push(self._safe)
             self._since_push = 0
 
@@ -739,7 +756,7 @@ class GuardedOptimizer(Optimizer):
         the reference (re-measured if the weights were written since it was taken), or the
         capture of a loaded checkpoint's live state as the safe snapshot."""
         pending, self._pending = self._pending, None
-        if pending == "reference" and self._uses_snapshots and (
+        if pending == "reference" and self._uses_snapshots and self._agreed(
                 self._safe.written_since_capture() or (self.probe is not None and self.yhat is None)):
             self._take_reference()
         elif pending is not None and pending != "reference":   # ("capture", step, meta)
@@ -759,7 +776,8 @@ class GuardedOptimizer(Optimizer):
         that raises on any rank raises on every rank."""
         raw, error = _try_probe(self.probe, self.module)
         y = math.nan if error is not None else probe_value(raw)
-        y, failed = agree_host([y, float(error is not None)], [0], resolve_group(self.process_group))
+        y, failed = agree_host([y, float(error is not None)], [0], resolve_group(self.process_group),
+                               self._accelerator())
         if failed:
             raise error or _remote_probe_error()
         return y

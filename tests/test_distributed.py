@@ -232,7 +232,33 @@ def _scenario_rng(rank, outdir):
             "refused": refused, "restored": torch.get_rng_state(), "own": own["guard"]["rng"]["cpu"]}
 
 
-SCENARIOS = {"rng": _scenario_rng, "probe_error": _scenario_probe_error, "clean": _scenario_clean, "faults": _scenario_faults,
+def _scenario_gates(rank, outdir):
+    """Rank-local decisions that gate a collective are agreed: a recovery action that wants a
+    ring push on rank 1 only, and weights written after construction on rank 1 only."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from guarded_optim import RecoveryAction
+
+    class PushOnRank1(RecoveryAction):
+        def wants_checkpoint(self, guard):
+            return rank == 1 and guard._t % 3 == 0
+
+    model = _mlp()
+    ddp = DDP(model)
+    batches, (px, py) = _rank_data(rank)
+    opt = GuardedOptimizer(torch.optim.AdamW(ddp.parameters(), lr=1e-2),
+                           probe=lambda: F.mse_loss(model(px), py), module=model, history=8,
+                           recovery=[PushOnRank1()])
+    if rank == 1:   # e.g. rank 1 alone re-loads its weights after building the guard
+        with torch.no_grad():
+            next(model.parameters()).add_(0.0)
+    for x, y in batches[:8]:
+        opt.zero_grad()
+        F.mse_loss(ddp(x), y).backward()
+        opt.step()
+    return {"ring": [snap.step for snap in opt._ring], "params": _params(model)}
+
+
+SCENARIOS = {"gates": _scenario_gates, "rng": _scenario_rng, "probe_error": _scenario_probe_error, "clean": _scenario_clean, "faults": _scenario_faults,
              "bare_faults": _scenario_bare_faults, "rank_local": _scenario_rank_local,
              "agree": _scenario_agree, "fsdp": _scenario_fsdp}
 
@@ -358,6 +384,12 @@ def test_every_rank_saves_the_same_guard_state_and_it_loads_on_one_rank(ranks):
     assert opt.last_decision == "accept"
 
 
+def test_rank_local_gates_of_collectives_are_agreed(ranks):
+    r0, r1 = _get(ranks, "gates")
+    assert r0["ring"] == r1["ring"] and len(r0["ring"]) >= 2   # pushed on every rank alike
+    assert _same(r0["params"], r1["params"])
+
+
 def test_each_rank_keeps_its_own_rng_streams_through_a_shared_checkpoint(ranks):
     r0, r1 = _get(ranks, "rng")
     assert (r0["saved_rank"], r1["saved_rank"]) == (0, 1)
@@ -479,3 +511,24 @@ def test_fsdp2_on_cuda_rollback_is_exact_with_host_snapshots(tmp_path):
     for r in results:
         assert r["log"][3] == "rollback" and r["exact"] and r["mode"] == "host"
         assert r["log"] == results[0]["log"]
+
+
+@pytest.mark.parametrize("backend,tensor,accel,expected", [
+    ("gloo", "cpu", None, "cpu"),
+    ("gloo", "cuda:1", "cuda:1", "cuda:1"),
+    ("nccl", "cuda:1", "cuda:1", "cuda:1"),
+    ("nccl", "cpu", "cuda:1", "cuda:1"),          # flags of a step with no gradient / CPU offload
+    ("cpu:gloo,cuda:nccl", "cpu", "cuda:1", "cpu"),
+    ("cpu:gloo,cuda:nccl", "cuda:1", "cuda:1", "cuda:1"),
+])
+def test_the_collective_runs_where_the_backend_can_reduce(backend, tensor, accel, expected):
+    from guarded_optim.distributed import collective_device
+    got = collective_device(backend, torch.device(tensor), None if accel is None else torch.device(accel))
+    assert got == torch.device(expected)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_nccl_with_cpu_tensors_and_no_accelerator_is_a_clear_error():
+    from guarded_optim.distributed import collective_device
+    with pytest.raises(RuntimeError, match="cpu:gloo,cuda:nccl"):
+        collective_device("nccl", torch.device("cpu"), None)
