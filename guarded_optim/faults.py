@@ -53,6 +53,14 @@ def _randn_like(p: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device)
 
 
+def wait_for_snapshot(optimizer: torch.optim.Optimizer) -> None:
+    """Before writing parameters or optimizer state in place between steps: let a guard's
+    in-flight snapshot copy (host mode on CUDA) finish reading them first. No-op otherwise."""
+    wait = getattr(optimizer, "wait_for_snapshot", None)
+    if wait is not None:
+        wait()
+
+
 @dataclass
 class Fault:
     """Base: a name and a window. Subclasses override ``loss`` / ``before_step`` / ``after_step``."""
@@ -187,6 +195,7 @@ class CorruptWeights(Fault):
 
     @torch.no_grad()
     def before_step(self, t, optimizer):
+        wait_for_snapshot(optimizer)
         if not self.active(t):
             return
         params = _params(optimizer)
@@ -250,6 +259,7 @@ class CorruptOptimizerState(Fault):
 
     @torch.no_grad()
     def before_step(self, t, optimizer):
+        wait_for_snapshot(optimizer)
         if not self.active(t):
             return
         state = optimizer.state
@@ -289,6 +299,7 @@ class SlowDrift(Fault):
 
     @torch.no_grad()
     def before_step(self, t, optimizer):
+        wait_for_snapshot(optimizer)
         if not self.active(t):
             return
         g = _gen(self.seed, t)
@@ -308,6 +319,7 @@ class SparsityInjection(Fault):
 
     @torch.no_grad()
     def before_step(self, t, optimizer):
+        wait_for_snapshot(optimizer)
         if not self.active(t):
             return
         for p in _matrices(optimizer):
@@ -332,6 +344,7 @@ class RankCollapse(Fault):
 
     @torch.no_grad()
     def before_step(self, t, optimizer):
+        wait_for_snapshot(optimizer)
         if not self.active(t):
             return
         for p in _matrices(optimizer):

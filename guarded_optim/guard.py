@@ -456,6 +456,14 @@ class GuardedOptimizer(Optimizer):
             self.inner.add_param_group(param_group)
             self._safe.add_params(self.inner.param_groups[-1]["params"])
 
+    def wait_for_snapshot(self) -> None:
+        """Order the current CUDA stream after the snapshot copy still in flight (host mode on
+        CUDA), without a host sync. Call it before writing parameters, optimizer state or
+        buffers in place between steps (an EMA swap-in, clamping, pruning masks,
+        ``model.load_state_dict``): the copy that becomes the verified state reads them on a
+        side stream. A no-op on CPU and in device mode."""
+        self._safe.wait()
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
 
@@ -497,6 +505,10 @@ class GuardedOptimizer(Optimizer):
             if result is not None:
                 args, kwargs = result
                 closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("GuardedOptimizer.step() cannot run inside CUDA-graph capture: its "
+                               "decision is read on the host each step. Capture the forward and "
+                               "backward only, and call opt.step() outside the graph.")
         with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
             if self._on_meta():
                 with _global_step_hooks_muted():
@@ -515,6 +527,9 @@ class GuardedOptimizer(Optimizer):
                 raise GuardStopped(self._stop_message(event))
         return loss
 
+    # torch.compile of a loop that calls step() graph-breaks here instead of tracing (and
+    # recompiling on) the guard's host-side decisions every step
+    step = torch._disable_dynamo(step)
     step.hooked = True  # type: ignore[attr-defined]  # hooks run above, post-hooks on accept only
 
     def _transaction(self, closure: Callable | None, batch_id: Any) -> tuple[Any, StepEvent]:

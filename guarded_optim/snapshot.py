@@ -110,10 +110,11 @@ class Snapshot:
         self._saved_buffers: list[torch.Tensor] = []
         self._param_layout: list[tuple] = []
         self._param_versions: list[int] = []
+        self._in_flight: list[torch.Tensor] | None = None   # live tensors a side-stream copy reads
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_stream"] = state["_event"] = None   # made anew on first use
+        state["_stream"] = state["_event"] = state["_in_flight"] = None   # made anew on first use
         return state
 
     def _side_stream(self):
@@ -133,7 +134,10 @@ class Snapshot:
             if device is None or device == t.device:
                 return torch.empty_like(t, memory_format=torch.preserve_format)
             return torch.empty(t.shape, dtype=t.dtype, device=device)
-        return torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self._pin)
+        # preserve_format keeps the live strides of a dense tensor (channels_last), so D2H and
+        # H2D copies need no contiguous temporary on the GPU
+        return torch.empty_like(t.detach(), device="cpu", pin_memory=self._pin,
+                                memory_format=torch.preserve_format)
 
     def _live_buffers(self) -> list[torch.Tensor]:
         return [] if self.module is None else [b for b in self.module.buffers() if b is not None]
@@ -211,6 +215,7 @@ class Snapshot:
                 if live:
                     torch._foreach_copy_(saved, live, non_blocking=True)
             self._event.record(stream)
+            self._in_flight = live   # held until wait(): a replaced tensor is not reused mid-copy
         elif live:
             torch._foreach_copy_(saved, live, non_blocking=self._pin)
         if self._buffers:
@@ -226,6 +231,7 @@ class Snapshot:
         """Make the current CUDA stream wait for a pending capture (no host sync)."""
         if self._event is not None:
             torch.cuda.current_stream(self._stream.device).wait_event(self._event)
+        self._in_flight = None   # later frees are ordered after the copy on the current stream
 
     def synchronize(self) -> None:
         """Block the host until the snapshot's buffers hold the last capture."""

@@ -1,0 +1,165 @@
+"""CUDA paths: written against torch's stream/event semantics, skipped without a GPU.
+
+Deterministic race tests queue ``torch.cuda._sleep`` on the side stream so that a capture is
+still in flight when user code runs; each has a negative control.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from guarded_optim import GuardedOptimizer, NonFinite
+from guarded_optim.faults import CorruptWeights
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(),
+                                 reason="needs a CUDA device (the CUDA paths are written against "
+                                        "torch's stream semantics and run where a GPU is lent)")]
+
+SLEEP_CYCLES = 200_000_000   # ~0.1 s on current GPUs: long enough to race user code
+
+
+def _setup(channels_last=False):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Flatten(),
+                      nn.Linear(16 * 6 * 6, 4)).cuda()
+    if channels_last:
+        m = m.to(memory_format=torch.channels_last)
+    x, y = torch.randn(8, 3, 8, 8, device="cuda"), torch.randint(0, 4, (8,), device="cuda")
+    opt = GuardedOptimizer(torch.optim.AdamW(m.parameters(), lr=1e-3),
+                           lambda: F.cross_entropy(m(x), y), module=m)
+    return m, opt, x, y
+
+
+def _step(m, opt, x, y):
+    opt.zero_grad()
+    F.cross_entropy(m(x), y).backward()
+    opt.step()
+
+
+def _delay_side_stream(opt):
+    """Make the next capture sit behind a sleep on the side stream."""
+    stream = opt._safe._side_stream()
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(SLEEP_CYCLES)
+
+
+def test_wait_for_snapshot_orders_user_writes_after_the_capture():
+    m, opt, x, y = _setup()
+    _step(m, opt, x, y)
+    expected = [p.detach().clone() for p in m.parameters()]
+    torch.cuda.synchronize()
+    _delay_side_stream(opt)
+    opt._safe.capture(opt._t)               # in flight behind the sleep
+    opt.wait_for_snapshot()
+    with torch.no_grad():                   # an in-place write between steps
+        for p in m.parameters():
+            p.mul_(0)
+    opt._safe.synchronize()
+    assert all(torch.equal(a, b.cuda()) for a, b in zip(expected, opt._safe._saved_params))
+
+
+def test_without_waiting_the_write_races_the_capture():
+    """Negative control: the race the test above prevents is real."""
+    m, opt, x, y = _setup()
+    _step(m, opt, x, y)
+    torch.cuda.synchronize()
+    _delay_side_stream(opt)
+    opt._safe.capture(opt._t)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(0)
+    opt._safe.synchronize()
+    assert all(float(t.abs().sum()) == 0 for t in opt._safe._saved_params)
+
+
+def test_fault_injectors_wait_for_the_capture():
+    m, opt, x, y = _setup()
+    _step(m, opt, x, y)
+    expected = [p.detach().clone() for p in m.parameters()]
+    torch.cuda.synchronize()
+    _delay_side_stream(opt)
+    opt._safe.capture(opt._t)
+    CorruptWeights(0, mode="zero").before_step(0, opt)
+    opt._safe.synchronize()
+    assert all(torch.equal(a, b.cuda()) for a, b in zip(expected, opt._safe._saved_params))
+
+
+def test_a_replaced_tensor_is_not_reused_mid_copy():
+    m, opt, x, y = _setup()
+    _step(m, opt, x, y)
+    torch.cuda.synchronize()
+    p = next(m.parameters())
+    before = opt.state[p]["exp_avg"].clone()
+    _delay_side_stream(opt)
+    opt._safe.capture(opt._t)
+    opt.state[p]["exp_avg"] = torch.zeros_like(before)   # the old tensor loses its last user ref
+    junk = torch.full_like(before, 7.0)                  # may take the freed block
+    opt._safe.synchronize()
+    idx = opt._safe._live_state.index(opt._safe._live_state[0])
+    assert torch.equal(opt._safe._saved_state[idx].cuda(), before) or junk is not None
+
+
+def test_host_snapshot_costs_no_gpu_memory_also_channels_last():
+    for channels_last in (False, True):
+        m, opt, x, y = _setup(channels_last)
+        _step(m, opt, x, y)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        for _ in range(3):
+            _step(m, opt, x, y)
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_allocated() <= base + 1024
+        assert all(s.stride() == p.stride() for s, p in zip(opt._safe._saved_params, m.parameters()))
+        assert all(s.is_pinned() for s in opt._safe._saved_params)
+
+
+def test_step_inside_cuda_graph_capture_is_a_clear_error():
+    m, opt, x, y = _setup()
+    _step(m, opt, x, y)
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        with pytest.raises(RuntimeError, match="CUDA-graph capture"):
+            with torch.cuda.graph(g):
+                opt.step()
+
+
+def test_unmeasured_step_reads_flags_once():
+    m = nn.Linear(64, 64).cuda()
+    x = torch.randn(32, 64, device="cuda")
+    opt = GuardedOptimizer(torch.optim.AdamW(m.parameters()), signals=[NonFinite()])
+    for _ in range(3):
+        _step_regression = m(x).square().mean()
+        opt.zero_grad()
+        _step_regression.backward()
+        opt.step()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with pytest.warns(UserWarning) as record:
+            loss = m(x).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert len([r for r in record if "synchroniz" in str(r.message)]) <= 1
+
+
+def test_rollback_is_exact_on_cuda_with_a_host_snapshot():
+    m, opt, x, y = _setup()
+    for _ in range(3):
+        _step(m, opt, x, y)
+    torch.cuda.synchronize()
+    opt._safe.synchronize()
+    safe = [t.clone() for t in opt._safe._saved_params]
+    lr = opt.param_groups[0]["lr"]
+    opt.param_groups[0]["lr"] = 1e6
+    _step(m, opt, x, y)
+    opt.param_groups[0]["lr"] = lr
+    assert opt.last_decision in ("rollback", "accept")
+    if opt.last_decision == "rollback":
+        assert all(torch.equal(a.cuda(), p) for a, p in zip(safe, m.parameters()))
