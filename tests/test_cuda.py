@@ -93,14 +93,17 @@ def test_a_replaced_tensor_is_not_reused_mid_copy():
     _step(m, opt, x, y)
     torch.cuda.synchronize()
     p = next(m.parameters())
-    before = opt.state[p]["exp_avg"].clone()
+    old = opt.state[p]["exp_avg"]
+    before = old.clone()
     _delay_side_stream(opt)
     opt._safe.capture(opt._t)
-    opt.state[p]["exp_avg"] = torch.zeros_like(before)   # the old tensor loses its last user ref
-    junk = torch.full_like(before, 7.0)                  # may take the freed block
+    idx = next(i for i, t in enumerate(opt._safe._live_state) if t is old)
+    opt.state[p]["exp_avg"] = torch.zeros_like(before)   # the old tensor loses its user refs
+    del old
+    junk = torch.full_like(before, 7.0)                  # would take the freed block
     opt._safe.synchronize()
-    idx = opt._safe._live_state.index(opt._safe._live_state[0])
-    assert torch.equal(opt._safe._saved_state[idx].cuda(), before) or junk is not None
+    assert torch.equal(opt._safe._saved_state[idx].cuda(), before)
+    del junk
 
 
 def test_host_snapshot_costs_no_gpu_memory_also_channels_last():
