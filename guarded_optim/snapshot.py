@@ -62,6 +62,16 @@ def _versions(tensors: list[torch.Tensor]) -> list[int]:
     return [_local(t)._version for t in tensors]
 
 
+def _by_device(dst: list[torch.Tensor], src: list[torch.Tensor]) -> dict[torch.device, tuple]:
+    """``(dst, src)`` pairs grouped by the source's device, order kept within each group."""
+    groups: dict[torch.device, tuple[list, list]] = {}
+    for d, t in zip(dst, src):
+        pair = groups.setdefault(t.device, ([], []))
+        pair[0].append(d)
+        pair[1].append(t)
+    return groups
+
+
 def _fingerprint(optimizer: torch.optim.Optimizer, buffers: list[torch.Tensor]) -> tuple:
     """Cheap layout key: changes when params are added, state appears, or state is reloaded."""
     state = optimizer.state
@@ -92,8 +102,9 @@ class Snapshot:
         on_cuda = any(p.is_cuda for p in params)
         self.mode = ("host" if on_cuda else "device") if mode == "auto" else mode
         self._pin = self.mode == "host" and torch.cuda.is_available()
-        self._side = self.mode == "host" and on_cuda   # copies run on a side stream
-        self._stream = self._event = None
+        self._side = self.mode == "host" and on_cuda   # copies run on side streams
+        self._streams: dict[torch.device, tuple] = {}  # CUDA device -> (side stream, its event)
+        self._buffer_events: dict[torch.device, Any] = {}  # buffers copied on the current streams
         self.step = -1          #: the guard's step count at capture (-1: never captured)
         self.meta: dict[str, Any] = {}  #: plain values the owner stores with the state
         self._fp: tuple | None = None
@@ -114,16 +125,17 @@ class Snapshot:
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_stream"] = state["_event"] = state["_in_flight"] = None   # made anew on first use
+        state["_streams"], state["_buffer_events"], state["_in_flight"] = {}, {}, None  # made anew
         return state
 
-    def _side_stream(self):
-        """The side stream and its event (host mode on CUDA), made on first use."""
-        if self._stream is None:
+    def _side_stream(self, device: torch.device | None = None):
+        """The side stream of ``device`` (default: the first CUDA parameter's) and its event,
+        made on first use: one per device, for models spread over several GPUs."""
+        if device is None:
             device = next(p.device for p in _flat_params(self.optimizer) if p.is_cuda)
-            self._stream = torch.cuda.Stream(device=device)
-            self._event = torch.cuda.Event()
-        return self._stream
+        if device not in self._streams:
+            self._streams[device] = (torch.cuda.Stream(device=device), torch.cuda.Event())
+        return self._streams[device][0]
 
     # -- layout ---------------------------------------------------------------------------
     def _alloc(self, t: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
@@ -209,17 +221,24 @@ class Snapshot:
         live = _locals(self._params) + _locals(self._live_state)
         saved = self._saved_params + self._saved_state
         if self._side:
-            stream = self._side_stream()
-            stream.wait_stream(torch.cuda.current_stream(stream.device))
-            with torch.cuda.stream(stream):
-                if live:
-                    torch._foreach_copy_(saved, live, non_blocking=True)
-            self._event.record(stream)
+            for device, (dst, src) in _by_device(saved, live).items():
+                if device.type != "cuda":
+                    torch._foreach_copy_(dst, src)
+                    continue
+                stream = self._side_stream(device)
+                stream.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(stream):
+                    torch._foreach_copy_(dst, src, non_blocking=True)
+                self._streams[device][1].record(stream)
             self._in_flight = live   # held until wait(): a replaced tensor is not reused mid-copy
         elif live:
             torch._foreach_copy_(saved, live, non_blocking=self._pin)
         if self._buffers:
             torch._foreach_copy_(self._saved_buffers, self._buffers, non_blocking=self._pin)
+            if self._pin:   # pinned D2H copies on the current streams: events to wait on
+                for device in {b.device for b in self._buffers if b.is_cuda}:
+                    event = self._buffer_events.setdefault(device, torch.cuda.Event())
+                    event.record(torch.cuda.current_stream(device))
         state = self.optimizer.state
         for i, ks in self._others.items():
             entry = state[self._params[i]]
@@ -228,17 +247,18 @@ class Snapshot:
         self.step, self.meta = step, dict(meta)
 
     def wait(self) -> None:
-        """Make the current CUDA stream wait for a pending capture (no host sync)."""
-        if self._event is not None:
-            torch.cuda.current_stream(self._stream.device).wait_event(self._event)
+        """Make each device's current CUDA stream wait for a pending capture (no host sync)."""
+        for device, (_, event) in self._streams.items():
+            torch.cuda.current_stream(device).wait_event(event)
         self._in_flight = None   # later frees are ordered after the copy on the current stream
 
     def synchronize(self) -> None:
-        """Block the host until the snapshot's buffers hold the last capture."""
-        if self._event is not None:
-            self._event.synchronize()
-        if self._pin and torch.cuda.is_initialized():
-            torch.cuda.synchronize()
+        """Block the host until the snapshot's buffers hold the last capture (on the copies'
+        own events, every device; no device-wide synchronize)."""
+        for _, event in self._streams.values():
+            event.synchronize()
+        for event in self._buffer_events.values():
+            event.synchronize()
 
     @property
     def captured(self) -> bool:
@@ -326,6 +346,7 @@ class Snapshot:
     def copy_from(self, other: "Snapshot") -> None:
         """Make this snapshot equal to ``other`` (same optimizer), reusing its own buffers."""
         other.synchronize()
+        self.synchronize()
         sizes = lambda s: (len(s._saved_params), len(s._saved_state), len(s._saved_buffers))  # noqa: E731
         if self._fp != other._fp or sizes(self) != sizes(other):
             self._params = list(other._params)

@@ -166,3 +166,20 @@ def test_rollback_is_exact_on_cuda_with_a_host_snapshot():
     assert opt.last_decision in ("rollback", "accept")
     if opt.last_decision == "rollback":
         assert all(torch.equal(a.cuda(), p) for a, p in zip(safe, m.parameters()))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs in one process")
+def test_a_model_over_two_gpus_gets_a_stream_and_an_event_per_device():
+    torch.manual_seed(0)
+    a, b = nn.Linear(16, 16).to("cuda:0"), nn.Linear(16, 1).to("cuda:1")
+    params = list(a.parameters()) + list(b.parameters())
+    x = torch.randn(8, 16, device="cuda:0")
+    opt = GuardedOptimizer(torch.optim.AdamW(params, lr=1e-2),
+                           lambda: b(a(x).to("cuda:1")).square().mean())
+    for _ in range(3):
+        opt.zero_grad()
+        b(a(x).to("cuda:1")).square().mean().backward()
+        opt.step()
+    assert set(opt._safe._streams) == {torch.device("cuda:0"), torch.device("cuda:1")}
+    opt._safe.synchronize()
+    assert all(torch.equal(s.to(p.device), p) for s, p in zip(opt._safe._saved_params, params))
