@@ -62,6 +62,13 @@ def _versions(tensors: list[torch.Tensor]) -> list[int]:
     return [_local(t)._version for t in tensors]
 
 
+def _buffered(v: Any) -> bool:
+    """Whether an optimizer-state value gets a preallocated buffer: a dense (strided) tensor.
+    Anything else (numbers, sparse tensors such as SGD's momentum for sparse gradients) is
+    copied whole at each capture."""
+    return isinstance(v, torch.Tensor) and v.layout == torch.strided
+
+
 def _by_device(dst: list[torch.Tensor], src: list[torch.Tensor]) -> dict[torch.device, tuple]:
     """``(dst, src)`` pairs grouped by the source's device, order kept within each group."""
     groups: dict[torch.device, tuple[list, list]] = {}
@@ -166,7 +173,7 @@ class Snapshot:
                 continue
             keys: list[str] = []
             for k, v in opt.state[p].items():
-                if isinstance(v, torch.Tensor):
+                if _buffered(v):
                     keys.append(k)
                     self._live_state.append(v)
                     self._saved_state.append(self._alloc(v))
@@ -187,7 +194,7 @@ class Snapshot:
             entry = state.get(self._params[i], {})
             for k in keys:
                 t = entry.get(k)
-                if not isinstance(t, torch.Tensor):
+                if not _buffered(t):
                     return None
                 live.append(t)
         return live
@@ -198,7 +205,7 @@ class Snapshot:
         if self._param_layout != _layout(self._params):   # model.double(), .to(device)
             return True
         state = self.optimizer.state  # a non-tensor entry that became a tensor (SGD momentum)
-        return any(isinstance(state[self._params[i]].get(k), torch.Tensor)
+        return any(_buffered(state[self._params[i]].get(k))
                    for i, ks in self._others.items() for k in ks)
 
     # -- capture / restore ----------------------------------------------------------------
@@ -442,7 +449,7 @@ class Snapshot:
             keys, param = [], self._params[i]
             live = opt.state.get(param, {})
             for k, v in entry.items():
-                if isinstance(v, torch.Tensor):
+                if _buffered(v):
                     keys.append(k)
                     cur = live.get(k)
                     device = (cur.device if isinstance(cur, torch.Tensor)

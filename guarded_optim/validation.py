@@ -81,13 +81,18 @@ NON_NEGATIVE = frozenset({"exp_avg_sq", "max_exp_avg_sq", "sum", "square_avg", "
                           "exp_inf", "step", "step_size"})
 
 
+def _values(t: Any) -> Any:
+    """The stored values of a tensor (a sparse tensor's non-zeros), for value checks."""
+    return t.coalesce().values() if t.is_sparse else t
+
+
 def tensors_finite(key: str, tensors: Iterable[Any]) -> None:
     """Raise ``ValueError`` naming ``key`` if a floating tensor holds NaN or Inf."""
     import torch
     for i, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{key}[{i}] must be a tensor, got {type(t).__name__}.")
-        if (t.is_floating_point() or t.is_complex()) and t.numel() and not bool(torch.isfinite(t).all()):
+        if (t.is_floating_point() or t.is_complex()) and t.numel() and not bool(torch.isfinite(_values(t)).all()):
             raise ValueError(f"{key}[{i}] holds NaN or Inf: a verified state is finite; the "
                              "checkpoint is corrupt (load an earlier one).")
 
@@ -111,9 +116,10 @@ def optimizer_state(key: str, state: dict, params: list) -> None:
                                      f"parameter's {shape}; "
                                      "load a state_dict saved from the same model.")
                 if (v.is_floating_point() or v.is_complex()) and v.numel() \
-                        and not bool(torch.isfinite(v).all()):
+                        and not bool(torch.isfinite(_values(v)).all()):
                     raise ValueError(f"{where} holds NaN or Inf; the checkpoint is corrupt.")
-                if name in NON_NEGATIVE and v.numel() and not v.is_complex() and bool((v < 0).any()):
+                if name in NON_NEGATIVE and v.numel() and not v.is_complex() \
+                        and bool((_values(v) < 0).any()):
                     raise ValueError(f"{where} holds negative values; it is a running sum of "
                                      "squares (or a count) and cannot be negative.")
             elif name == "step" and (isinstance(v, bool) or not isinstance(v, numbers.Real) or v < 0):
