@@ -34,6 +34,7 @@ import copy
 import logging
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
@@ -119,6 +120,16 @@ def _global_step_hooks_muted():
             h.clear()
             h.update(s)
             h.update(added)
+
+
+@dataclass
+class _Flags:
+    """One step's pre-proposal reading, agreed over the ranks (see ``_read_flags``)."""
+
+    fired: list[bool]        # pre-step signals, in order
+    state_fired: list[bool]  # post-step signals on the live, unverified state, in order
+    grad_norm: float         # mean over the ranks
+    overflow: bool           # GradScaler found inf/NaN on some rank
 
 
 def _try_probe(probe: Callable[[], Any], module: torch.nn.Module | None) -> tuple[Any, ProbeError | None]:
@@ -563,18 +574,11 @@ class GuardedOptimizer(Optimizer):
         overflow = self._amp_unscale(grads)   # GradScaler's found_inf (None without AMP)
         m = StepMeasurement(t, full_value(global_grad_norm(grads)),
                             loss if isinstance(loss, torch.Tensor) else None, self.inner)
-        device = m.grad_norm.device
+        device, group = m.grad_norm.device, resolve_group(self.process_group)
         checked = post if self._unverified else []   # unverified proposals: check theta_t now
-        parts = [s.measure(m).to(device, torch.float32).reshape(1) for s in pre + checked]
-        parts.insert(len(pre), m.grad_norm.detach().float().reshape(1))
-        if overflow is not None:
-            parts.append(overflow.to(device, torch.float32).reshape(1))
-        group = resolve_group(self.process_group)
-        values = agree(pack(parts), [len(pre)], group, self._accelerator()).tolist()  # every rank alike
-        overflowed = overflow is not None and bool(values.pop())
-        fired, state_fired = ([bool(v) for v in values[: len(pre)]],
-                              [bool(v) for v in values[len(pre) + 1:]])
-        event = StepEvent(t, Decision.SKIP.value, grad_norm=values[len(pre)],
+        flags = self._read_flags(m, pre, checked, overflow, group)
+        fired, state_fired = flags.fired, flags.state_fired
+        event = StepEvent(t, Decision.SKIP.value, grad_norm=flags.grad_norm,
                           signals={s.name: f for s, f in zip(pre + checked, fired + state_fired)})
 
         damaged = [s.name for s, f in zip(checked, state_fired) if f]
@@ -585,7 +589,7 @@ class GuardedOptimizer(Optimizer):
         self._observe(checked, m, True, state_fired)
         if self._needs_verification_capture():
             self._verify(t)       # no probe: the flags just read verified the live state
-        if overflowed:            # GradScaler's inf/NaN: its own skip; signals learn nothing
+        if flags.overflow:        # GradScaler's inf/NaN: its own skip; signals learn nothing
             self.stats["skipped_amp_overflow"] += 1
             return self._skip("amp_overflow", event)
         if batch_id is not None and batch_id in self.ladder.quarantine:
@@ -634,6 +638,21 @@ class GuardedOptimizer(Optimizer):
         self._healthy()
         self.stats["accepted"] += 1
         return self._finish(Decision.ACCEPT, event)
+
+    def _read_flags(self, m: StepMeasurement, pre: list, checked: list,
+                    overflow: torch.Tensor | None, group: Any) -> "_Flags":
+        """The pre-step flags, the live state's post-step flags, the gradient norm and
+        GradScaler's overflow: packed, agreed over the ranks, read in one transfer."""
+        device = m.grad_norm.device
+        parts = [s.measure(m).to(device, torch.float32).reshape(1) for s in pre + checked]
+        parts.append(m.grad_norm.detach().float().reshape(1))
+        parts.append((overflow if overflow is not None else torch.zeros(())).to(
+            device, torch.float32).reshape(1))
+        values = agree(pack(parts), [len(parts) - 2], group, self._accelerator()).tolist()
+        n = len(pre)
+        return _Flags(fired=[bool(v) for v in values[:n]],
+                      state_fired=[bool(v) for v in values[n:-2]],
+                      grad_norm=values[-2], overflow=bool(values[-1]))
 
     def _measure_proposal(self, m: StepMeasurement, group: Any, device: torch.device,
                           event: StepEvent) -> tuple:
