@@ -41,10 +41,17 @@ _MEASURED = ("y", "yhat", "innovation", "threshold", "grad_norm")
 class StepEvent:
     """One ``step()`` as the guard saw it. Measurements not taken on this step are ``None``.
 
-    ``action`` names what the guard did beyond the decision itself, comma-separated:
-    ``"escalate"`` (rolled back to an older verified snapshot), ``"rebaseline"`` (reset the
-    references after ``max_consecutive_rejections``), and what recovery actions did
-    (``"lr_scale=0.5"``, ``"escape"``); ``None`` when nothing else happened.
+    ``reason`` names what fired, comma-separated: signal names, ``"probe"`` (the innovation
+    test), ``"amp_overflow"`` (GradScaler), ``"quarantined"`` (the batch is quarantined).
+
+    ``action`` names what the guard did beyond the decision itself, comma-separated, in the
+    order of the escalation ladder (:mod:`.ladder`): ``"rerun:transient"`` (the step was
+    re-run in place and its re-run applied), ``"rerun:persistent"`` (the re-run reproduced
+    the rejection), ``"quarantine"`` (the batch, ``batch_id``, was quarantined),
+    ``"escalate"`` (rolled back to an older verified snapshot), ``"stop"`` (the budget is
+    spent: ``step()`` raises ``GuardStopped``), ``"rebaseline"`` (the references re-based, when
+    opted in), and what recovery actions did (``"lr_scale=0.5"``, ``"escape"``,
+    ``"reset_moments"``); ``None`` when nothing else happened.
     """
 
     step: int
@@ -58,6 +65,7 @@ class StepEvent:
     action: str | None = None
     signals: dict[str, bool] = field(default_factory=dict)
     skip_batches: int = 0   #: set by an escape: advance the data iterator by this many
+    batch_id: Any = None    #: the ``batch_id`` passed to ``step()``, if any
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -19,12 +19,15 @@ accepted state bit for bit (Proposition 7.4), while the RNG streams move on (a r
 never replays the batch or the dropout masks that caused it: :mod:`.rng`); with a fixed
 ``epsilon``, ``max_k y(theta_k) <= y(theta_0) + t * epsilon`` (Proposition 7.5); a run in
 which the guard never intervenes is bit-identical to the bare optimizer's; a ``step()``
-that raises leaves counters, parameters and state as they were. The one departure from
-Algorithm 1 is the deadlock escape: after ``max_consecutive_rejections`` rejections in a
-row the guard first rolls back to an older verified snapshot (if ``history`` keeps any),
-and when none is left it re-baselines ``yhat`` on the latest measurement (both counted in
-``stats``, logged and reported as events). ``max_consecutive_rejections=None`` gives
-Algorithm 1 exactly.
+that raises leaves counters, parameters and state as they were. Two departures from
+Algorithm 1 are the escalation ladder (:mod:`.ladder`): a rejected step is first re-run in
+place (with a closure; accepted if the re-run's proposal passes), and after
+``max_consecutive_rejections`` rejections in a row the guard rolls back to an older
+verified snapshot (if ``history`` keeps any), and when none is left it stops with
+:class:`~guarded_optim.ladder.GuardStopped` (or re-baselines ``yhat`` with
+``Ladder(on_exhausted="rebaseline")``); every rung is counted in ``stats``, logged and
+reported in the events. ``max_consecutive_rejections=None, ladder=Ladder(rerun=None)``
+gives Algorithm 1 exactly.
 """
 
 from __future__ import annotations
@@ -507,7 +510,8 @@ class GuardedOptimizer(Optimizer):
         """Propose, measure, then accept or roll back. Returns the closure's loss, if any.
 
         ``batch_id`` names the batch for the quarantine (:mod:`.ladder`): a quarantined batch
-        is skipped, and a persistent rejection quarantines it (default: the step index).
+        is skipped, and a persistent rejection quarantines it (without a ``batch_id`` nothing
+        is quarantined: a step index never comes again).
         Raises :class:`GuardStopped` after committing a step that spent the escalation budget.
         """
         args, kwargs = (self,), ({"closure": closure} if closure is not None else {})
@@ -578,7 +582,7 @@ class GuardedOptimizer(Optimizer):
         checked = post if self._unverified else []   # unverified proposals: check theta_t now
         flags = self._read_flags(m, pre, checked, overflow, group)
         fired, state_fired = flags.fired, flags.state_fired
-        event = StepEvent(t, Decision.SKIP.value, grad_norm=flags.grad_norm,
+        event = StepEvent(t, Decision.SKIP.value, grad_norm=flags.grad_norm, batch_id=batch_id,
                           signals={s.name: f for s, f in zip(pre + checked, fired + state_fired)})
 
         damaged = [s.name for s, f in zip(checked, state_fired) if f]
@@ -627,8 +631,8 @@ class GuardedOptimizer(Optimizer):
             if kind == "transient":
                 y, nu, eps = remeasured
                 reasons = []
-            else:
-                self._quarantine(batch_id if batch_id is not None else t, event)
+            elif batch_id is not None:
+                self._quarantine(batch_id, event)
         if reasons:
             return self._fail(reasons, y, event)
         self.yhat = ewma(self.yhat, y, self.alpha)   # accepted: Algorithm 1, lines 9-12
@@ -780,7 +784,7 @@ class GuardedOptimizer(Optimizer):
                 event.skip_batches = max(event.skip_batches, getattr(a, "skip_batches", 0))
         if event.action:   # what the ladder did before the rollback (a re-run)
             actions.insert(0, event.action)
-        if event.action and event.action.endswith("persistent"):
+        if event.action and event.action.endswith("persistent") and event.batch_id is not None:
             actions.insert(1, "quarantine")
         event.action = ",".join(a for a in actions if a) or None
         return self._finish(Decision.ROLLBACK, event)

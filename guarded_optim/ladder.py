@@ -3,8 +3,10 @@
 Rungs, in order (each an event, a ``stats`` counter and a log record):
 
 1. **skip** -- a pre-step signal fires: the step is not applied (``stats["skipped"]``).
-2. **re-run in place** (:class:`ReRun`) -- a measured proposal is rejected and the user
-   passed a closure: the state goes back to the last verified one, and the closure is
+2. **re-run in place** (:class:`ReRun`) -- a measured proposal is rejected, the user passed
+   a closure, and the proposal is the only unverified step (a probe with ``probe_every=1``,
+   or the measured step of ``probe_every=k`` right after a verification): the state goes
+   back to the last verified one, and the closure is
    evaluated once more on the same batch, with the RNG streams it drew from the first time
    (Megatron-LM's rerun state machine, inside one ``step()``). A re-run that differs and
    whose proposal passes is *transient* (a hardware fault, silent data corruption): it is
@@ -14,9 +16,13 @@ Rungs, in order (each an event, a ``stats`` counter and a log record):
    them: re-running never rewinds the data stream.
 3. **roll back** to the last verified state (``stats["rollbacks"]``).
 4. **quarantine** (:class:`Quarantine`) -- a persistent rejection records the batch's
-   identity (``step(closure, batch_id=...)``, else the step index) in the guard's state;
-   :class:`QuarantineSampler` skips quarantined batches on later epochs and after a resume
-   (``stats["quarantined"]``).
+   identity (``step(closure, batch_id=...)``; without one nothing is recorded) in the
+   guard's state; a step whose ``batch_id`` is quarantined is skipped before anything is
+   proposed (``stats["skipped_quarantined"]``), and
+   :class:`QuarantineSampler` leaves quarantined batches out of later epochs and resumed
+   runs without their forward pass (``stats["quarantined"]``). Batch ids must be stable
+   across epochs (a fixed batch partition, e.g. ``tuple(indices)`` of a sequential batch
+   sampler, or a shard/offset name); shuffled batches rarely recur.
 5. **reach back** to an older verified state when ``history`` keeps one
    (``stats["escalations"]``); opt-in recovery actions act here too (``ReduceLR``,
    :class:`ResetMoments`).
