@@ -41,7 +41,7 @@ from .policy import RecoveryAction
 __all__ = ["fisher_update_", "fisher_rao_distance", "fisher_effective_rank", "gradient_snr",
            "restore_weights", "ewc_penalty_value", "verified_params", "FisherDiagonal",
            "FisherDrift", "ImportanceWeightedRollback", "EWCPenalty", "ewc_penalty",
-           "find_fisher"]
+           "find_fisher", "InnerFisher"]
 
 Tensors = Sequence[torch.Tensor]
 
@@ -149,13 +149,59 @@ def verified_params(snapshot) -> list[torch.Tensor]:
     return list(snapshot.state_dict()["params"])
 
 
-def find_fisher(guard) -> "FisherDiagonal":
-    """The :class:`FisherDiagonal` among ``guard.recovery``, or a ``ValueError`` saying how to add it."""
+def find_fisher(guard) -> "FisherDiagonal | InnerFisher":
+    """The diagonal Fisher the guard's tools read: a :class:`FisherDiagonal` among
+    ``guard.recovery``, else the inner optimizer's own second moment (:class:`InnerFisher`,
+    Adam family, zero extra bytes), else a ``ValueError`` saying how to add one."""
     for a in guard.recovery:
         if isinstance(a, FisherDiagonal):
             return a
-    raise ValueError("this tool reads the diagonal Fisher, but guard.recovery has no "
-                     "FisherDiagonal; build the guard with recovery=[FisherDiagonal(), ...].")
+    inner = InnerFisher(guard)
+    if inner.available:
+        return inner
+    raise ValueError("this tool reads the diagonal Fisher, but the inner optimizer keeps no "
+                     "second moment (exp_avg_sq) and guard.recovery has no FisherDiagonal; "
+                     "build the guard with recovery=[FisherDiagonal(host=True), ...].")
+
+
+class InnerFisher:
+    """The diagonal Fisher the Adam family already keeps: ``exp_avg_sq``, an EMA of ``g^2``
+    with factor ``1 - beta2``, bias-corrected by ``1 - beta2^step`` (the design card's
+    "Fisher diagonal", at zero extra bytes: it *is* the optimizer state, saved in every
+    ``state_dict``). Read-only; the same read-outs as :class:`FisherDiagonal`.
+    Parameters with no state yet read as 0."""
+
+    def __init__(self, guard):
+        self.guard = guard
+
+    @property
+    def available(self) -> bool:
+        return any("exp_avg_sq" in st for st in self.guard.state.values())
+
+    @property
+    def ready(self) -> bool:
+        return self.available
+
+    def _require(self) -> list[torch.Tensor]:
+        out = []
+        for g in self.guard.param_groups:
+            beta2 = g.get("betas", (0.9, 0.999))[1]
+            for p in g["params"]:
+                st = self.guard.state.get(p, {})
+                v = st.get("exp_avg_sq")
+                if v is None:
+                    out.append(torch.zeros_like(p, dtype=torch.float32))
+                    continue
+                step = float(st.get("step", 1))
+                out.append(v.detach().float() / max(1.0 - beta2 ** max(step, 1.0), 1e-12))
+        return out
+
+    def distance(self, a: Tensors, b: Tensors) -> torch.Tensor:
+        f = self._require()
+        return fisher_rao_distance(f, _on(a, f), _on(b, f))
+
+    def effective_rank(self) -> torch.Tensor:
+        return fisher_effective_rank(self._require())
 
 
 def _on(tensors: Tensors, like: Tensors) -> list[torch.Tensor]:

@@ -470,6 +470,16 @@ class GuardedOptimizer(Optimizer):
             self.inner.add_param_group(param_group)
             self._safe.add_params(self.inner.param_groups[-1]["params"])
 
+    def fisher_diagonal(self) -> list[torch.Tensor] | None:
+        """The diagonal Fisher estimate (design card): the inner optimizer's bias-corrected
+        ``exp_avg_sq`` (Adam family; zero extra bytes, saved with the state), or a
+        ``FisherDiagonal`` among ``recovery``; ``None`` when neither exists."""
+        from .fisher import find_fisher
+        try:
+            return list(find_fisher(self)._require())
+        except (ValueError, RuntimeError):
+            return None
+
     def wait_for_snapshot(self) -> None:
         """Order the current CUDA stream after the snapshot copy still in flight (host mode on
         CUDA), without a host sync. Call it before writing parameters, optimizer state or
@@ -967,6 +977,7 @@ class GuardedOptimizer(Optimizer):
             "signals": {s.name: s.state_dict() for s in self.signals},
             "recovery": [a.state_dict() for a in self.recovery], "in_row": self._in_row,
             "ladder": self.ladder.state_dict(),
+            "fisher": self._fisher_source(),
             "rng": rng.capture(),
             "safe": None if live or not self._safe.captured else self._safe.state_dict(),
             "safe_is_live": live,
@@ -974,6 +985,14 @@ class GuardedOptimizer(Optimizer):
             "ring": self._ring.state_dict() if self.save_history else [],
             "world_size": world_size(resolve_group(self.process_group)),
         }
+
+    def _fisher_source(self) -> str | None:
+        """Where the checkpoint's Fisher diagonal is: the inner state's ``exp_avg_sq`` (no
+        second copy), a ``FisherDiagonal`` action's state, or nowhere."""
+        from .fisher import FisherDiagonal, InnerFisher
+        if any(isinstance(a, FisherDiagonal) for a in self.recovery):
+            return "recovery"
+        return "state.exp_avg_sq" if InnerFisher(self).available else None
 
     def restore_rng_state(self, state_dict: dict[str, Any]) -> None:
         """Set this process's RNG streams to those saved in ``state_dict`` (from

@@ -296,3 +296,26 @@ def test_state_round_trips_weights_only(tmp_path):
     host = FisherDiagonal(host=True)
     host.load_state_dict(opt.recovery[0].state_dict())
     assert same(host.state_dict(), opt.recovery[0].state_dict())
+
+
+def test_the_guard_carries_a_fisher_diagonal_at_no_extra_cost_with_adam():
+    """The design card's Fisher diagonal: Adam's bias-corrected exp_avg_sq, read in place."""
+    m = tiny.model(0)
+    probe_set, batches = tiny.data(0, steps=6)
+    opt = GuardedOptimizer(torch.optim.AdamW(m.parameters(), lr=1e-2, betas=(0.9, 0.99)),
+                           tiny.probe_for(m, probe_set), module=m)
+    for x, y in batches:
+        opt.step(tiny.closure_for(opt, m, x, y))
+    fisher = opt.fisher_diagonal()
+    p = next(m.parameters())
+    st = opt.state[p]
+    assert torch.equal(fisher[0], st["exp_avg_sq"] / (1 - 0.99 ** float(st["step"])))
+    sd = opt.state_dict()
+    assert sd["guard"]["fisher"] == "state.exp_avg_sq" and opt._safe.nbytes() == sum(
+        t.numel() * t.element_size() for t in
+        opt._safe._saved_params + opt._safe._saved_state + opt._safe._saved_buffers)  # no extra
+    # the tools read the same estimate without a FisherDiagonal action
+    from guarded_optim.fisher import InnerFisher, find_fisher
+    assert isinstance(find_fisher(opt), InnerFisher)
+    sgd = GuardedOptimizer(torch.optim.SGD(tiny.model(1).parameters(), lr=0.1))
+    assert sgd.fisher_diagonal() is None and sgd.state_dict()["guard"]["fisher"] is None
