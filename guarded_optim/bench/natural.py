@@ -740,8 +740,9 @@ def _panel(ax, mine: dict[str, Curve], mech: Mechanism | None, span: tuple[int, 
             at = max(bad - 1, lo)
             y = c.curve[at] if math.isfinite(c.curve[at]) else c.init
             ax.plot(at, y, "X", color=color, ms=11, mec="black")
-            ax.annotate(f" {arm}: non-finite from step {bad}", (at, y), color=color,
-                        fontsize=8)
+            if not arm.startswith("guarded"):     # one label; guarded arms get the marker
+                ax.annotate(f"  {arm}: non-finite from step {bad}", (at, y), color=color,
+                            fontsize=8, va="top")
         for ts, marker in ((c.rollbacks_at, "o"), (c.skips_at, "x")):
             ts = [t for t in ts if lo <= t < hi and math.isfinite(c.curve[t])]
             if ts:
