@@ -24,7 +24,7 @@ from .suites import (ABLATION_SCENARIOS, QUICK_SCENARIOS, ablation, protocol, sc
                      scenario_suite, scenario_summary)
 from .tasks import TASKS
 
-SUITES = ("default", "protocol", "scenarios", "ablation", "scaling", "memory", "all")
+SUITES = ("default", "protocol", "scenarios", "ablation", "scaling", "memory", "natural", "all")
 
 #: paper 001's protocol: (steps, fault start, fault length), and the ``--quick`` one. The quick
 #: fault comes late enough to hurt bare AdamW on seeds 0 and 1 (measured: final probe loss
@@ -154,6 +154,16 @@ def _memory(args, tick) -> None:
         print(f"\nwrote {os.path.join(args.out, 'memory.csv')} and memory.png")
 
 
+def _natural(args, tick) -> None:
+    from . import natural
+    seeds = args.seeds if args.seeds is not None else (1 if args.quick else 5)
+    names = args.mechanisms or (getattr(natural, "QUICK_MECHANISMS", None) if args.quick else None)
+    rows = natural.run(names, seeds=seeds, quick=args.quick, out=args.out, progress=tick)
+    print(f"\n## natural: instabilities that arise by themselves (nothing injected), {seeds} "
+          "seed(s); final/peak = probe loss / the stable reference run of the same seed\n")
+    print(natural.format_table(rows))
+
+
 def bench(args: argparse.Namespace) -> None:
     if args.out:
         os.makedirs(args.out, exist_ok=True)
@@ -179,6 +189,8 @@ def bench(args: argparse.Namespace) -> None:
             _scaling(args, tick)
         if "memory" in suites:
             _memory(args, tick)
+        if "natural" in suites:
+            _natural(args, tick)
     finally:
         tick.close()
     print(f"\n{args.suite} suite finished in {time.perf_counter() - began:.0f} s "
@@ -245,6 +257,10 @@ def _suite_help() -> list[tuple[str, str]]:
     pairs.append(("memory", "bytes held per parameter beyond bare, checkpoint bytes per "
                             "parameter bare vs guarded, peak RSS and time ratios, from 0.1M "
                             "to 10M parameters and the reference GPT (100M with --full)."))
+    pairs.append(("natural", "instabilities that arise by themselves, nothing injected: post-LN "
+                             "without warm-up, attention- and output-logit growth, Adam "
+                             "second-moment decay, fp16, bad data, edge of stability; bare vs "
+                             "the guard vs a stable reference, 5 seeds (--mechanisms to pick)."))
     pairs.append(("all", "every suite above except default."))
     return pairs
 
@@ -291,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw, qsw = SCENARIO_WINDOW, QUICK_SCENARIO_WINDOW
     b.add_argument("--suite", default="default", choices=SUITES,
                    help="which benchmark to run, described above (default: '%(default)s')")
+    b.add_argument("--mechanisms", nargs="+", metavar="NAME", default=None,
+                   help="natural suite: which mechanisms (default: all; under --quick: a "
+                        "short list)")
     b.add_argument("--full", action="store_true",
                    help="memory suite: add the 100M-parameter row (about 6 GB of RAM, minutes)")
     b.add_argument("--task", action="append", choices=TASKS,
