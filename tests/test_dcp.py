@@ -16,19 +16,15 @@ a hang fails the test after ``JOIN_TIMEOUT_S`` instead of blocking the suite.
 
 from __future__ import annotations
 
-import datetime
 import os
-import time
-import traceback
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from guarded_optim import GuardedOptimizer
-from test_distributed import JOIN_TIMEOUT_S, PG_TIMEOUT_S, WORLD, _free_port, _mlp, _rank_data
+from test_distributed import WORLD, _mlp, _rank_data, spawn
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
                                 reason="torch.distributed is not built in this torch")
@@ -119,41 +115,9 @@ def _dcp_scenario(kind: str):
 SCENARIOS = {kind: _dcp_scenario(kind) for kind in ("bare", "guard_probe", "guard")}
 
 
-def _worker(rank, world, port, outdir, names):
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
-    results = {}
-    try:
-        for name in names:
-            try:
-                results[name] = SCENARIOS[name](rank, outdir)
-            except Exception:
-                results[name] = {"error": traceback.format_exc()}
-                break   # a failed collective may leave the group unusable: stop here
-            dist.barrier()
-    finally:
-        torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
-
-
-def spawn(outdir, names, world=WORLD) -> list[dict]:
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), str(outdir), names),
-                             nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"distributed run did not finish within {JOIN_TIMEOUT_S}s (hang)")
-    return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    return spawn(tmp_path_factory.mktemp("dcp"), list(SCENARIOS))
+    return spawn(tmp_path_factory.mktemp("dcp"), list(SCENARIOS), module="test_dcp")
 
 
 def _get(ranks, name):

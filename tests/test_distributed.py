@@ -263,16 +263,19 @@ SCENARIOS = {"gates": _scenario_gates, "rng": _scenario_rng, "probe_error": _sce
              "agree": _scenario_agree, "fsdp": _scenario_fsdp}
 
 
-def _worker(rank, world, port, outdir, backend, scenarios):
+def _worker(rank, world, port, outdir, backend, scenarios, module="test_distributed"):
+    import importlib
+
     import torch.distributed as dist
     torch.set_num_threads(1)
+    registry = importlib.import_module(module).SCENARIOS
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
     results = {}
     try:
         for name in scenarios:
             try:
-                results[name] = SCENARIOS[name](rank, outdir)
+                results[name] = registry[name](rank, outdir)
             except Exception:
                 results[name] = {"error": traceback.format_exc()}
                 break   # a failed collective may leave the group unusable: stop here
@@ -288,9 +291,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(outdir, scenarios, world=WORLD, backend="gloo") -> list[dict]:
-    """Run ``scenarios`` on ``world`` fresh processes; a hang past the timeout fails."""
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), str(outdir), backend, scenarios),
+def spawn(outdir, scenarios, world=WORLD, backend="gloo", module="test_distributed") -> list[dict]:
+    """Run ``scenarios`` (names in ``module``'s ``SCENARIOS``) on ``world`` fresh processes;
+    a hang past the timeout fails."""
+    ctx = mp.start_processes(_worker, args=(world, _free_port(), str(outdir), backend, scenarios,
+                                            module),
                              nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + JOIN_TIMEOUT_S
     while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
