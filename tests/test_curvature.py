@@ -157,9 +157,23 @@ def test_curvature_explosion_rolls_back():
     with torch.no_grad():
         m[4].weight.mul_(30.0)                       # the head: curvature x900, loss finite
     x, y = batches[20]
+    opt.ladder.rerun = None   # the rollback rung alone (a re-run from the verified state passes)
     opt.step(tiny.closure_for(opt, m, x, y))
     assert opt.last_decision == "rollback" and "curvature" in opt.last_event.reason
     assert all(torch.equal(p.detach(), s) for p, s in zip(m.parameters(), safe))
+
+
+def test_curvature_explosion_between_steps_is_undone_by_the_rerun():
+    m, opt, batches = curvature_guard("lambda_max", every=1, factor=5.0)
+    for b in batches[:20]:
+        test_policy.step(m, opt, b)
+    with torch.no_grad():
+        m[4].weight.mul_(30.0)                       # damage between steps
+    x, y = batches[20]
+    opt.step(tiny.closure_for(opt, m, x, y))
+    # the re-run starts from the verified state, where the step is healthy: it is applied
+    assert opt.last_decision == "accept" and opt.last_event.action == "rerun:transient"
+    assert float(m[4].weight.abs().max()) < 10
 
 
 def test_state_round_trips_weights_only(tmp_path):

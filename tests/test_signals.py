@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import tiny
 from guarded_optim import GuardedOptimizer
+from guarded_optim.ladder import Ladder
 from guarded_optim.faults import FaultSchedule, make_fault
 from guarded_optim.signals import (GradientSpike, LossSpike, NonFinite, NonFiniteWeights,
                                    OptimizerStateHealth, Verdict, WeightNorm)
@@ -141,7 +142,7 @@ def test_clean_guarded_run_with_all_signals_is_bit_identical_to_bare():
 def test_persistent_failure_rebases_instead_of_rolling_back_forever():
     """A bound that every proposal crosses (here: too tight for this LR) must not stall the run."""
     m, opt = guarded(signals=[WeightNorm(max_step_ratio=1.0001)], max_consecutive_rejections=3,
-                     history=0)
+                     history=0, ladder=Ladder(on_exhausted="rebaseline"))   # opted in
     _, batches = tiny.data(steps=40)
     d = [x[0] for x in run(m, opt, batches)]
     assert d.count("accept") >= 10 and opt.stats["rebaselines"] >= 3
