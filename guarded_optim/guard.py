@@ -1119,7 +1119,7 @@ class GuardedOptimizer(Optimizer):
             threshold = copy.deepcopy(self.threshold)
             try:
                 threshold.load_state_dict(guard["threshold"])
-            except KeyError as exc:
+            except (KeyError, ValueError) as exc:
                 raise ValueError(
                     f"{key}['threshold'] {guard['threshold']} does not fit this guard's "
                     f"threshold {self.threshold!r}; build the guard with the threshold (or "
