@@ -2,7 +2,8 @@
 
 * :mod:`.probe` -- the validation probe loss (the primary, external measurement).
 * :mod:`.loss` -- :class:`NonFinite` loss or gradients (SKIP), :class:`LossSpike` (FAILURE).
-* :mod:`.gradients` -- :class:`GradientSpike`, the global gradient norm against its median;
+* :mod:`.gradients` -- :class:`GradientSpike`, the global gradient norm against the recent
+  peak of applied steps with the same gradient signature;
   :class:`GradientAgreement`, :class:`LayerwiseCV`, :class:`GradientEntropy` (SKIP).
 * :mod:`.weights` -- post-step :class:`NonFiniteWeights`, :class:`WeightNorm`,
   :class:`OptimizerStateHealth`, :class:`Sparsity`, :class:`EffectiveRank`,
