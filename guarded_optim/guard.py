@@ -44,9 +44,8 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
-from . import rng, validation
-from .distributed import (AUTO, agree, agree_host, check_world_size, full_value, pack,
-                          resolve_group, world_size)
+from . import checkpoint, rng, validation
+from .distributed import AUTO, agree, agree_host, full_value, pack, resolve_group, world_size
 from .events import StepEvent
 from .innovation import FixedThreshold, RelativeThreshold, Threshold, accepts, ewma, innovation
 from .ladder import GuardStopped, Ladder, _plain_id
@@ -58,8 +57,6 @@ from .snapshot import MODES, Snapshot, SnapshotRing
 
 __all__ = ["GuardedOptimizer"]
 
-_STATE_VERSION = 2
-_DECISIONS = (None, "accept", "skip", "rollback")
 _COUNTERS = ("_t", "_unverified", "_consecutive", "_since_push", "_in_row", "yhat",
              "last_decision", "last_event", "_live_is_safe")
 def amp_unscale(grads: list[torch.Tensor], grad_scale: torch.Tensor) -> torch.Tensor:
@@ -938,7 +935,7 @@ class GuardedOptimizer(Optimizer):
             hook(self)
         self._settle_verification()
         sd = self.inner.state_dict()
-        sd["guard"] = self._guard_state_dict()
+        sd["guard"] = checkpoint.guard_state(self)
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, sd)
             if result is not None:
@@ -961,38 +958,6 @@ class GuardedOptimizer(Optimizer):
         if not any(fired):
             self._observe(post, m, True, fired)
             self._verify(self._t)
-
-    def _guard_state_dict(self) -> dict[str, Any]:
-        loaded = isinstance(self._pending, tuple)   # a loaded live-is-safe state, not yet captured
-        live = loaded or (self._safe.captured and self._live_is_safe and self._pending is None)
-        step, meta = (self._pending[1:] if loaded else (self._safe.step, self._safe.meta))
-        return {
-            "version": _STATE_VERSION,
-            "shapes": [list(p.shape) for g in self.param_groups for p in g["params"]],
-            "t": self._t, "yhat": self.yhat, "y0": self.y0,
-            "unverified": self._unverified, "consecutive": self._consecutive,
-            "since_push": self._since_push, "last_decision": self.last_decision,
-            "stats": dict(self.stats),
-            "threshold": self.threshold.state_dict(),
-            "signals": {s.name: s.state_dict() for s in self.signals},
-            "recovery": [a.state_dict() for a in self.recovery], "in_row": self._in_row,
-            "ladder": self.ladder.state_dict(),
-            "fisher": self._fisher_source(),
-            "rng": rng.capture(),
-            "safe": None if live or not self._safe.captured else self._safe.state_dict(),
-            "safe_is_live": live,
-            "safe_step": step, "safe_meta": dict(meta),
-            "ring": self._ring.state_dict() if self.save_history else [],
-            "world_size": world_size(resolve_group(self.process_group)),
-        }
-
-    def _fisher_source(self) -> str | None:
-        """Where the checkpoint's Fisher diagonal is: the inner state's ``exp_avg_sq`` (no
-        second copy), a ``FisherDiagonal`` action's state, or nowhere."""
-        from .fisher import FisherDiagonal, InnerFisher
-        if any(isinstance(a, FisherDiagonal) for a in self.recovery):
-            return "recovery"
-        return "state.exp_avg_sq" if InnerFisher(self).available else None
 
     def restore_rng_state(self, state_dict: dict[str, Any]) -> None:
         """Set this process's RNG streams to those saved in ``state_dict`` (from
@@ -1031,7 +996,7 @@ class GuardedOptimizer(Optimizer):
                 raise ValueError(f"state_dict has keys {sorted(state_dict)}; expected an "
                                  "optimizer state_dict ('state', 'param_groups', and 'guard' "
                                  "from GuardedOptimizer.state_dict()).")
-            self._check_inner(state_dict, "state_dict")
+            checkpoint.check_inner(self, state_dict, "state_dict")
             self.inner.load_state_dict(state_dict)  # a bare optimizer's checkpoint
             self._reset_guard_state()
         else:
@@ -1046,150 +1011,9 @@ class GuardedOptimizer(Optimizer):
             if not isinstance(inner, dict) or not {"state", "param_groups"} <= inner.keys():
                 raise ValueError(f"{key} must hold the inner optimizer's 'state' and "
                                  "'param_groups'; pass the unmodified output of state_dict().")
-            self._check_inner(inner, key)
-            commit = self._prepare_guard_state(state_dict["guard"])
+            checkpoint.check_inner(self, inner, key)
+            commit = checkpoint.prepare(self, state_dict["guard"])
             self.inner.load_state_dict(inner)  # validates before it mutates
             commit()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
-
-    def _check_inner(self, inner: dict[str, Any], key: str) -> None:
-        """The inner optimizer's state values: finite, parameter-shaped, not negative."""
-        groups = inner["param_groups"]
-        if not isinstance(groups, list) or not all(isinstance(g, dict) and "params" in g for g in groups):
-            raise ValueError(f"{key}['param_groups'] must be a list of dicts with 'params'.")
-        ids = [i for g in groups for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        if len(ids) != len(params) or not isinstance(inner["state"], dict):
-            return  # torch's own load_state_dict reports the mismatch
-        position = {i: n for n, i in enumerate(ids)}
-        state = {}
-        for i, entry in inner["state"].items():
-            if i not in position:
-                raise ValueError(f"{key}['state'] has an entry for parameter id {i!r}, which no "
-                                 "param group lists; pass the unmodified state_dict.")
-            state[position[i]] = entry
-        validation.optimizer_state(f"{key}['state']", state, params)
-
-    def _prepare_guard_state(self, guard: Any) -> Callable[[], None]:
-        """Validate ``state_dict["guard"]`` and build its objects; return what commits them."""
-        key = "state_dict['guard']"
-        if not isinstance(guard, dict):
-            raise TypeError(f"{key} must be a dict, got {type(guard).__name__}.")
-        version = guard.get("version")
-        if version not in (1, _STATE_VERSION):
-            raise ValueError(f"{key}['version'] is {version!r}, not 1 or {_STATE_VERSION}; it was "
-                             "saved by another guarded_optim release.")
-        params = [p for g in self.param_groups for p in g["params"]]
-        shapes = [list(p.shape) for p in params]
-        check_world_size(guard.get("world_size"), world_size(resolve_group(self.process_group)), params)
-        try:
-            if [list(s) for s in guard["shapes"]] != shapes:
-                raise ValueError(
-                    f"state_dict does not match this optimizer's parameters: it was saved for "
-                    f"shapes {guard['shapes']}, this optimizer has {shapes}; load a state_dict "
-                    "saved from the same model and parameter groups.")
-            counters = {
-                attr: validation.integer(f"{key}[{name!r}]", guard[name], low=0)
-                for attr, name in (("_t", "t"), ("_unverified", "unverified"),
-                                   ("_consecutive", "consecutive"), ("_since_push", "since_push"),
-                                   ("_in_row", "in_row"))}
-            for name in ("yhat", "y0"):
-                if guard[name] is not None:
-                    counters[name] = validation.real(f"{key}[{name!r}]", guard[name])
-                else:
-                    counters[name] = None
-            if self.probe is not None and counters["yhat"] is None and self._uses_snapshots \
-                    and counters["_t"] > 0:
-                raise ValueError(f"{key}['yhat'] is None but this guard has a probe: the "
-                                 "state was saved by a guard without one; build it alike.")
-            if guard["last_decision"] not in _DECISIONS:
-                raise ValueError(f"{key}['last_decision'] is {guard['last_decision']!r}; "
-                                 f"expected one of {_DECISIONS}.")
-            stats = guard["stats"]
-            if not isinstance(stats, dict):
-                raise ValueError(f"{key}['stats'] must be a dict of counts.")
-            counters["stats"] = {**self.stats, **{
-                str(k): validation.integer(f"{key}['stats'][{k!r}]", v, low=0) for k, v in stats.items()}}
-            counters["last_decision"], counters["last_event"] = guard["last_decision"], None
-            missing = {s.name for s in self.signals} - set(guard["signals"])
-            if missing:
-                raise ValueError(f"{key}['signals'] has no state for signals {sorted(missing)}; "
-                                 "build the guard with the signals it was saved with.")
-            threshold = copy.deepcopy(self.threshold)
-            try:
-                threshold.load_state_dict(guard["threshold"])
-            except (KeyError, ValueError) as exc:
-                raise ValueError(
-                    f"{key}['threshold'] {guard['threshold']} does not fit this guard's "
-                    f"threshold {self.threshold!r}; build the guard with the threshold (or "
-                    "epsilon) it was saved with.") from exc
-            signals = [copy.deepcopy(s) for s in self.signals]
-            for s in signals:
-                state = guard["signals"][s.name]
-                _check_signal_state(f"{key}['signals'][{s.name!r}]", state)
-                s.load_state_dict(state)
-            if len(guard["recovery"]) != len(self.recovery):
-                raise ValueError(f"{key}['recovery'] has state for {len(guard['recovery'])} "
-                                 f"recovery actions, this guard has {len(self.recovery)}; build "
-                                 "it with the recovery actions it was saved with.")
-            recovery = [copy.deepcopy(a) for a in self.recovery]
-            for a, sd in zip(recovery, guard["recovery"]):
-                a.load_state_dict(sd)
-            ladder = copy.deepcopy(self.ladder)
-            if "ladder" in guard:
-                try:
-                    ladder.load_state_dict(guard["ladder"])
-                except (KeyError, TypeError, ValueError) as exc:
-                    raise ValueError(f"{key}['ladder'] is malformed: {exc}") from exc
-            rng.check(guard["rng"], f"{key}['rng']")
-            safe = self._new_snapshot()
-            pending: Any = None
-            if guard["safe"] is not None:
-                safe.check_state_dict(guard["safe"], f"{key}['safe']")
-                safe.load_state_dict(guard["safe"])
-            elif guard.get("safe_is_live", False):
-                step = validation.integer(f"{key}['safe_step']", guard["safe_step"], low=0)
-                meta = guard["safe_meta"]
-                if not isinstance(meta, dict):
-                    raise ValueError(f"{key}['safe_meta'] must be a dict.")
-                pending = ("capture", step, dict(meta))
-            elif self._uses_snapshots:
-                pending = "reference"
-            ring = SnapshotRing(self._ring.capacity, self._new_snapshot)
-            for i, sd in enumerate(guard.get("ring", ())):
-                safe.check_state_dict(sd, f"{key}['ring'][{i}]")
-            ring.load_state_dict(guard.get("ring", ()))
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise ValueError(f"{key} is malformed ({type(exc).__name__}: {exc}); pass the "
-                             "unmodified output of GuardedOptimizer.state_dict().") from exc
-
-        def commit() -> None:
-            self.threshold, self.signals, self.recovery = threshold, signals, recovery
-            self.ladder = ladder
-            self._safe, self._ring, self._pending = safe, ring, pending
-            self._live_is_safe = pending is not None and pending != "reference"
-            self.__dict__.update(counters)
-
-        return commit
-
-
-def _check_signal_state(key: str, state: Any) -> None:
-    """A signal's saved state: a dict whose tensors (at any depth) are finite (references are
-    only ever learnt from healthy steps)."""
-    if not isinstance(state, dict):
-        raise ValueError(f"{key} must be a dict, got {type(state).__name__}.")
-
-    def walk(x: Any, where: str) -> None:
-        if isinstance(x, torch.Tensor):
-            if (x.is_floating_point() or x.is_complex()) and x.numel() and not bool(torch.isfinite(x).all()):
-                raise ValueError(f"{where} holds NaN or Inf; a signal's reference is learnt from "
-                                 "healthy steps only: the checkpoint is corrupt.")
-        elif isinstance(x, dict):
-            for k, v in x.items():
-                walk(v, f"{where}[{k!r}]")
-        elif isinstance(x, (list, tuple)):
-            for i, v in enumerate(x):
-                walk(v, f"{where}[{i}]")
-
-    walk(state, key)

@@ -1,0 +1,203 @@
+"""Checkpoints of a guard: what ``state_dict()["guard"]`` holds, and how a saved one is
+checked and committed.
+
+The layout is the inner optimizer's own ``{"state", "param_groups"}`` plus ``"guard"``
+(version 2; 0.1.0's ``{"inner", "guard"}`` is version 1 and still loads). :func:`prepare`
+checks every key, type, shape and value and builds every object before anything changes;
+it returns the ``commit`` that installs them, so a failed load leaves the guard exactly as
+it was, and its error names the offending key.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+import torch
+
+from . import rng, validation
+from .distributed import check_world_size, resolve_group, world_size
+from .snapshot import SnapshotRing
+
+__all__ = ["STATE_VERSION", "guard_state", "fisher_source", "check_inner", "prepare",
+           "check_signal_state"]
+
+STATE_VERSION = 2
+_DECISIONS = (None, "accept", "skip", "rollback")
+
+
+def guard_state(opt) -> dict[str, Any]:
+    """``state_dict()["guard"]`` of ``opt``: plain data (see ``GuardedOptimizer.state_dict``)."""
+    loaded = isinstance(opt._pending, tuple)   # a loaded live-is-safe state, not yet captured
+    live = loaded or (opt._safe.captured and opt._live_is_safe and opt._pending is None)
+    step, meta = (opt._pending[1:] if loaded else (opt._safe.step, opt._safe.meta))
+    return {
+        "version": STATE_VERSION,
+        "shapes": [list(p.shape) for g in opt.param_groups for p in g["params"]],
+        "t": opt._t, "yhat": opt.yhat, "y0": opt.y0,
+        "unverified": opt._unverified, "consecutive": opt._consecutive,
+        "since_push": opt._since_push, "last_decision": opt.last_decision,
+        "stats": dict(opt.stats),
+        "threshold": opt.threshold.state_dict(),
+        "signals": {s.name: s.state_dict() for s in opt.signals},
+        "recovery": [a.state_dict() for a in opt.recovery], "in_row": opt._in_row,
+        "ladder": opt.ladder.state_dict(),
+        "fisher": fisher_source(opt),
+        "rng": rng.capture(),
+        "safe": None if live or not opt._safe.captured else opt._safe.state_dict(),
+        "safe_is_live": live,
+        "safe_step": step, "safe_meta": dict(meta),
+        "ring": opt._ring.state_dict() if opt.save_history else [],
+        "world_size": world_size(resolve_group(opt.process_group)),
+    }
+
+
+def fisher_source(opt) -> str | None:
+    """Where the checkpoint's Fisher diagonal is: the inner state's ``exp_avg_sq`` (no second
+    copy), a ``FisherDiagonal`` action's state, or nowhere."""
+    from .fisher import FisherDiagonal, InnerFisher
+    if any(isinstance(a, FisherDiagonal) for a in opt.recovery):
+        return "recovery"
+    return "state.exp_avg_sq" if InnerFisher(opt).available else None
+
+
+def check_inner(opt, inner: dict[str, Any], key: str) -> None:
+    """The inner optimizer's state values: finite, parameter-shaped, not negative."""
+    groups = inner["param_groups"]
+    if not isinstance(groups, list) or not all(isinstance(g, dict) and "params" in g for g in groups):
+        raise ValueError(f"{key}['param_groups'] must be a list of dicts with 'params'.")
+    ids = [i for g in groups for i in g["params"]]
+    params = [p for g in opt.param_groups for p in g["params"]]
+    if len(ids) != len(params) or not isinstance(inner["state"], dict):
+        return  # torch's own load_state_dict reports the mismatch
+    position = {i: n for n, i in enumerate(ids)}
+    state = {}
+    for i, entry in inner["state"].items():
+        if i not in position:
+            raise ValueError(f"{key}['state'] has an entry for parameter id {i!r}, which no "
+                             "param group lists; pass the unmodified state_dict.")
+        state[position[i]] = entry
+    validation.optimizer_state(f"{key}['state']", state, params)
+
+def prepare(opt, saved: Any) -> Callable[[], None]:
+    """Validate ``state_dict["guard"]`` and build its objects; return what commits them."""
+    key = "state_dict['guard']"
+    if not isinstance(saved, dict):
+        raise TypeError(f"{key} must be a dict, got {type(saved).__name__}.")
+    version = saved.get("version")
+    if version not in (1, STATE_VERSION):
+        raise ValueError(f"{key}['version'] is {version!r}, not 1 or {STATE_VERSION}; it was "
+                         "saved by another guarded_optim release.")
+    params = [p for g in opt.param_groups for p in g["params"]]
+    shapes = [list(p.shape) for p in params]
+    check_world_size(saved.get("world_size"), world_size(resolve_group(opt.process_group)), params)
+    try:
+        if [list(s) for s in saved["shapes"]] != shapes:
+            raise ValueError(
+                f"state_dict does not match this optimizer's parameters: it was saved for "
+                f"shapes {saved['shapes']}, this optimizer has {shapes}; load a state_dict "
+                "saved from the same model and parameter groups.")
+        counters = {
+            attr: validation.integer(f"{key}[{name!r}]", saved[name], low=0)
+            for attr, name in (("_t", "t"), ("_unverified", "unverified"),
+                               ("_consecutive", "consecutive"), ("_since_push", "since_push"),
+                               ("_in_row", "in_row"))}
+        for name in ("yhat", "y0"):
+            if saved[name] is not None:
+                counters[name] = validation.real(f"{key}[{name!r}]", saved[name])
+            else:
+                counters[name] = None
+        if opt.probe is not None and counters["yhat"] is None and opt._uses_snapshots \
+                and counters["_t"] > 0:
+            raise ValueError(f"{key}['yhat'] is None but this saved has a probe: the "
+                             "state was saved by a saved without one; build it alike.")
+        if saved["last_decision"] not in _DECISIONS:
+            raise ValueError(f"{key}['last_decision'] is {saved['last_decision']!r}; "
+                             f"expected one of {_DECISIONS}.")
+        stats = saved["stats"]
+        if not isinstance(stats, dict):
+            raise ValueError(f"{key}['stats'] must be a dict of counts.")
+        counters["stats"] = {**opt.stats, **{
+            str(k): validation.integer(f"{key}['stats'][{k!r}]", v, low=0) for k, v in stats.items()}}
+        counters["last_decision"], counters["last_event"] = saved["last_decision"], None
+        missing = {s.name for s in opt.signals} - set(saved["signals"])
+        if missing:
+            raise ValueError(f"{key}['signals'] has no state for signals {sorted(missing)}; "
+                             "build the saved with the signals it was saved with.")
+        threshold = copy.deepcopy(opt.threshold)
+        try:
+            threshold.load_state_dict(saved["threshold"])
+        except (KeyError, ValueError) as exc:
+            raise ValueError(
+                f"{key}['threshold'] {saved['threshold']} does not fit this saved's "
+                f"threshold {opt.threshold!r}; build the saved with the threshold (or "
+                "epsilon) it was saved with.") from exc
+        signals = [copy.deepcopy(s) for s in opt.signals]
+        for s in signals:
+            state = saved["signals"][s.name]
+            check_signal_state(f"{key}['signals'][{s.name!r}]", state)
+            s.load_state_dict(state)
+        if len(saved["recovery"]) != len(opt.recovery):
+            raise ValueError(f"{key}['recovery'] has state for {len(saved['recovery'])} "
+                             f"recovery actions, this saved has {len(opt.recovery)}; build "
+                             "it with the recovery actions it was saved with.")
+        recovery = [copy.deepcopy(a) for a in opt.recovery]
+        for a, sd in zip(recovery, saved["recovery"]):
+            a.load_state_dict(sd)
+        ladder = copy.deepcopy(opt.ladder)
+        if "ladder" in saved:
+            try:
+                ladder.load_state_dict(saved["ladder"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ValueError(f"{key}['ladder'] is malformed: {exc}") from exc
+        rng.check(saved["rng"], f"{key}['rng']")
+        safe = opt._new_snapshot()
+        pending: Any = None
+        if saved["safe"] is not None:
+            safe.check_state_dict(saved["safe"], f"{key}['safe']")
+            safe.load_state_dict(saved["safe"])
+        elif saved.get("safe_is_live", False):
+            step = validation.integer(f"{key}['safe_step']", saved["safe_step"], low=0)
+            meta = saved["safe_meta"]
+            if not isinstance(meta, dict):
+                raise ValueError(f"{key}['safe_meta'] must be a dict.")
+            pending = ("capture", step, dict(meta))
+        elif opt._uses_snapshots:
+            pending = "reference"
+        ring = SnapshotRing(opt._ring.capacity, opt._new_snapshot)
+        for i, sd in enumerate(saved.get("ring", ())):
+            safe.check_state_dict(sd, f"{key}['ring'][{i}]")
+        ring.load_state_dict(saved.get("ring", ()))
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{key} is malformed ({type(exc).__name__}: {exc}); pass the "
+                         "unmodified output of GuardedOptimizer.state_dict().") from exc
+
+    def commit() -> None:
+        opt.threshold, opt.signals, opt.recovery = threshold, signals, recovery
+        opt.ladder = ladder
+        opt._safe, opt._ring, opt._pending = safe, ring, pending
+        opt._live_is_safe = pending is not None and pending != "reference"
+        opt.__dict__.update(counters)
+
+    return commit
+
+
+def check_signal_state(key: str, state: Any) -> None:
+    """A signal's saved state: a dict whose tensors (at any depth) are finite (references are
+    only ever learnt from healthy steps)."""
+    if not isinstance(state, dict):
+        raise ValueError(f"{key} must be a dict, got {type(state).__name__}.")
+
+    def walk(x: Any, where: str) -> None:
+        if isinstance(x, torch.Tensor):
+            if (x.is_floating_point() or x.is_complex()) and x.numel() and not bool(torch.isfinite(x).all()):
+                raise ValueError(f"{where} holds NaN or Inf; a signal's reference is learnt from "
+                                 "healthy steps only: the checkpoint is corrupt.")
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, f"{where}[{k!r}]")
+        elif isinstance(x, (list, tuple)):
+            for i, v in enumerate(x):
+                walk(v, f"{where}[{i}]")
+
+    walk(state, key)
