@@ -862,8 +862,8 @@ class GuardedOptimizer(Optimizer):
             self._restore()
             return "escalate"
         self._restore()
-        if self.ladder.on_exhausted == "raise":   # nowhere older to go: stop, accept nothing
-            self.stats["stops"] += 1
+        if self.ladder.on_exhausted == "raise" and y is not None:
+            self.stats["stops"] += 1   # the probe kept rejecting: stop, accept nothing
             return "stop"
         if y is None:              # nowhere older to go: the signals learn the new level
             for sig in self.signals:
