@@ -7,6 +7,7 @@ below, so it cannot drift from what the code runs; it is plain text (no reST mar
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import shutil
@@ -165,6 +166,8 @@ def _natural(args, tick) -> None:
 
 
 def bench(args: argparse.Namespace) -> None:
+    if args.quiet:   # the guard's own WARNING records (re-baselines, stops) would fill the tables
+        logging.getLogger("guarded_optim").setLevel(logging.ERROR)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
     tick = _Progress(args.quiet)
