@@ -58,7 +58,7 @@ from ..guard import GuardedOptimizer
 from ..ladder import GuardStopped
 from ..policy import arc_recovery
 from ..signals import hessian_lambda_max
-from . import data, models, report
+from . import data, models, report, tasks
 
 __all__ = ["Mechanism", "Setup", "MECHANISMS", "ARMS", "TinyLM", "StableAdamW", "run",
            "format_table", "figures", "train", "lr_sensitivity", "HURT_FINAL", "HURT_PEAK"]
@@ -263,12 +263,7 @@ def _finite_params(model: nn.Module) -> bool:
 
 
 def _probe_value(setup: Setup) -> float:
-    was = setup.model.training
-    setup.model.eval()
-    with torch.no_grad():
-        value = float(setup.probe())
-    setup.model.train(was)
-    return value
+    return tasks.eval_value(setup.model, setup.probe)
 
 
 def train(setup: Setup, arm: str, mechanism: str = "", seed: int = 0) -> Curve:

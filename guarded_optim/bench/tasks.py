@@ -34,13 +34,8 @@ class Task:
         return self.loss_fn(self.model(self.split.x_probe), self.split.y_probe)
 
     def probe_loss(self) -> float:
-        """The probe loss as the report measures it: eval mode, no grad, mode restored."""
-        was = self.model.training
-        self.model.eval()
-        with torch.no_grad():
-            value = float(self.probe())
-        self.model.train(was)
-        return value
+        """The probe loss as the report measures it (:func:`eval_value`)."""
+        return eval_value(self.model, self.probe)
 
     def batches(self, steps: int):
         return data.batches(self.split.x_train, self.split.y_train, self.batch_size, steps, self.seed)
@@ -80,6 +75,16 @@ def scaling_task(params: int, seed: int = 0, inputs: int = 256, classes: int = 1
     model = models.MLP(inputs=inputs, hidden=hidden, classes=classes, depth=2)
     return Task(f"mlp_{params:g}", model, data.teacher(inputs=inputs, classes=classes, seed=seed),
                 F.cross_entropy, 128, 1e-3, seed)
+
+
+def eval_value(model: torch.nn.Module, probe: Callable[[], torch.Tensor]) -> float:
+    """``probe()`` as a float, measured in eval mode without grad; the mode is restored."""
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        value = float(probe())
+    model.train(was)
+    return value
 
 
 def train(task: Task, optimizer: torch.optim.Optimizer, steps: int = 250, faults=None,
