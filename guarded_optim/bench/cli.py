@@ -158,7 +158,7 @@ def _memory(args, tick) -> None:
 def _natural(args, tick) -> None:
     from . import natural
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 5)
-    names = args.mechanisms or (getattr(natural, "QUICK_MECHANISMS", None) if args.quick else None)
+    names = args.mechanisms   # None: every mechanism (--quick shortens each run instead)
     rows = natural.run(names, seeds=seeds, quick=args.quick, out=args.out, progress=tick)
     print(f"\n## natural: instabilities that arise by themselves (nothing injected), {seeds} "
           "seed(s); final/peak = probe loss / the stable reference run of the same seed\n")
@@ -311,10 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--suite", default="default", choices=SUITES,
                    help="which benchmark to run, described above (default: '%(default)s')")
     b.add_argument("--mechanisms", nargs="+", metavar="NAME", default=None,
-                   help="natural suite: which mechanisms (default: all; under --quick: a "
-                        "short list)")
+                   help="natural suite: which mechanisms, any of the suite's registry "
+                        "(default: all, also under --quick)")
     b.add_argument("--full", action="store_true",
-                   help="memory suite: add the 100M-parameter row (about 6 GB of RAM, minutes)")
+                   help="memory suite: add the 100M-parameter row (about 6 GB of RAM, minutes) "
+                        "(default: off)")
     b.add_argument("--task", action="append", choices=TASKS,
                    help="protocol task; repeat for several (default: cnn; the default suite "
                         "adds the transformer except under --quick)")
@@ -358,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", metavar="DIR",
                    help="directory for CSV tables, per-step curves and PNG figures (default: "
                         "none, tables are printed only)")
-    b.add_argument("--quiet", action="store_true", help="no progress bar (default: off)")
+    b.add_argument("--quiet", action="store_true",
+                   help="no progress bar, and the guard's log records only at ERROR (default: off)")
     return parser
 
 
