@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from guarded_optim import GuardedOptimizer
-from test_distributed import WORLD, _mlp, _rank_data, spawn
+from test_distributed import WORLD, _get, _mlp, _rank_data, spawn
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
                                 reason="torch.distributed is not built in this torch")
@@ -117,16 +117,8 @@ SCENARIOS = {kind: _dcp_scenario(kind) for kind in ("bare", "guard_probe", "guar
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    return spawn(tmp_path_factory.mktemp("dcp"), list(SCENARIOS), module="test_dcp")
-
-
-def _get(ranks, name):
-    out = []
-    for r, res in enumerate(ranks):
-        assert name in res, f"scenario {name!r} did not run on rank {r} (an earlier one failed)"
-        assert "error" not in res[name], f"rank {r}:\n{res[name]['error']}"
-        out.append(res[name])
-    return out
+    outdir = tmp_path_factory.mktemp("dcp")
+    return outdir, spawn(outdir, list(SCENARIOS), module="test_dcp")
 
 
 def _assert_same(a: dict, b: dict, what: str) -> None:
