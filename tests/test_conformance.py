@@ -582,6 +582,7 @@ def test_step_hooks(case, global_step_hooks):
         assert seen == reference, f"applied step: hooks fired {seen}, a bare step fires {reference}"
         if BARE_MODE:
             return
+        guard.opt.probe_every = 1   # verify every step: the damage below is seen at once
 
         log.clear()   # a skipped step: non-finite gradients
         g = None if case.lbfgs else grads.next(guard.params, 1)

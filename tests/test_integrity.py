@@ -450,14 +450,14 @@ def test_state_dict_without_a_probe_does_not_change_the_run():
 def test_probe_less_resume_rolls_back_onto_the_recorded_state(tmp_path):
     probe_set, batches = tiny.data(0, steps=12)
     m = tiny.model(0)
-    opt = GuardedOptimizer(torch.optim.AdamW(m.parameters(), lr=1e-2), module=m)
+    opt = GuardedOptimizer(torch.optim.AdamW(m.parameters(), lr=1e-2), module=m, probe_every=1)
     for x, yb in batches[:8]:
         opt.step(tiny.closure_for(opt, m, x, yb))
     torch.save({"m": m.state_dict(), "o": opt.state_dict()}, tmp_path / "ck.pt")
     at_save = tiny.full_state(m, opt)
     ck = torch.load(tmp_path / "ck.pt", weights_only=True)
     m2 = tiny.model(3)
-    opt2 = GuardedOptimizer(torch.optim.AdamW(m2.parameters(), lr=1e-2), module=m2)
+    opt2 = GuardedOptimizer(torch.optim.AdamW(m2.parameters(), lr=1e-2), module=m2, probe_every=1)
     m2.load_state_dict(ck["m"])
     opt2.load_state_dict(ck["o"])
     x, yb = batches[8]

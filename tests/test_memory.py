@@ -61,7 +61,7 @@ def test_defaults_hold_one_copy_of_params_and_state(probed):
     model, batches, probe = _problem()
     opt = GuardedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3),
                            probe if probed else None, module=model)
-    for x, y in batches:
+    for x, y in batches * 3:   # 15 steps: past the first probe-less verification (step 10)
         _step(opt, model, x, y)
     n = sum(p.numel() for p in model.parameters())
     held = memory.held_bytes(opt)

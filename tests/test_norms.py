@@ -242,3 +242,13 @@ def test_empty_and_meta_free_inputs():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         global_norm([torch.ones(3, dtype=torch.float16), torch.ones(2, dtype=torch.float64)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiny_norms_do_not_underflow_to_zero(dtype):
+    """Squares below float32's smallest normal (norms below 1e-19) used to sum to 0 on CPU."""
+    for scale in (1e-24, 1e-28, 1e-35):
+        t = torch.full((3,), scale, dtype=dtype)
+        exact = math.sqrt(3) * float(t[0].double())
+        assert math.isclose(float(global_norm([t])), exact, rel_tol=1e-3)
+    assert float(global_norm([torch.zeros(5, dtype=dtype)])) == 0.0

@@ -23,7 +23,10 @@ def all_signals():
 
 
 def guarded(seed=0, signals=None, **kw):
+    """A probe-less guard verifying every step (``probe_every=1``): each test below sees its
+    signal act at the step the damage appears (the default cadence is tested on its own)."""
     m = tiny.model(seed)
+    kw.setdefault("probe_every", 1)
     opt = GuardedOptimizer(torch.optim.AdamW(m.parameters(), lr=1e-2),
                            signals=all_signals() if signals is None else signals, **kw)
     return m, opt

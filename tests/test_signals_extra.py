@@ -140,7 +140,7 @@ def test_step_counters_stay_silent_through_an_escalation():
     m = tiny.model(0)
     opt = GuardedOptimizer(torch.optim.AdamW(m.parameters(), lr=1e-2),
                            signals=[WeightNorm(), StepCounters()], max_consecutive_rejections=2, history=3,
-                           checkpoint_every=5)
+                           checkpoint_every=5, probe_every=1)
     _, batches = tiny.data(steps=45)
     run(m, opt, batches, FaultSchedule([make_fault("weights_x1e4", 30, 4)]))
     assert opt.stats["escalations"] >= 1 and opt.stats["failures_weight_norm"] >= 2

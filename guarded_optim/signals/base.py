@@ -43,6 +43,9 @@ class StepMeasurement:
     grad_norm: torch.Tensor
     loss: torch.Tensor | None = None
     optimizer: torch.optim.Optimizer | None = None
+    #: ``grad_norm`` on the host, once the step's flags were read (what ``observe`` reads;
+    #: ``None`` before, or outside a guard: a signal then reads ``grad_norm`` itself)
+    grad_norm_value: float | None = None
 
     _param_norm: torch.Tensor | None = None
 
@@ -60,7 +63,8 @@ class StepMeasurement:
 
     def after_proposal(self) -> "StepMeasurement":
         """The same step, measured again on the proposed parameters."""
-        return StepMeasurement(self.step, self.grad_norm, self.loss, self.optimizer)
+        return StepMeasurement(self.step, self.grad_norm, self.loss, self.optimizer,
+                               self.grad_norm_value)
 
 
 class Signal(Protocol):

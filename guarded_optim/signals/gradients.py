@@ -3,6 +3,7 @@ spike test against the recent peak of the same gradient signature."""
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import math
 from typing import Any, Sequence
@@ -68,12 +69,18 @@ def _group_norms(group: list[torch.Tensor], device: torch.device, dtype: torch.d
         norms = torch.stack([torch.linalg.vector_norm(t, 2.0, dtype=sum_dtype) for t in group])
     if not one_pass and acc == torch.float64 and dtype != torch.float16:
         # float16 never overflows a float32 sum; a float32 / bfloat16 tensor whose sum did
-        # (norm above 1.8e19) is summed again in float64. Reading a CPU tensor is no sync.
+        # (norm above 1.8e19) or may have underflowed (squares below 1.2e-38: norm below
+        # 1e-17) is summed again in float64, scaled by its largest magnitude (an all-zero
+        # tensor costs one max pass, no copy). Reading a CPU tensor is no sync.
         norms = norms.to(torch.float64)
-        overflow = torch.isinf(norms)
-        if bool(overflow.any()):
-            for i in overflow.nonzero().flatten().tolist():
-                norms[i] = torch.linalg.vector_norm(group[i].double(), 2.0)
+        redo = torch.isinf(norms) | (norms < 1e-17)
+        if bool(redo.any()):
+            for i in redo.nonzero().flatten().tolist():
+                top = torch.linalg.vector_norm(group[i], math.inf).double()
+                if bool(top > 0) and bool(torch.isfinite(top)):
+                    norms[i] = top * torch.linalg.vector_norm(group[i].double() / top, 2.0)
+                elif not bool(top > 0):
+                    norms[i] = 0.0
     return norms
 
 
@@ -212,56 +219,52 @@ class _MedianReferenced:
 
 
 class _Peak:
-    """The recent applied log-norms of one gradient signature: a device ring of ``window``
-    values, ``filled`` marking the slots that hold one, and ``pos`` (a device counter) the
-    next slot to write. A step whose gradient norm is 0 writes nothing and does not move
-    ``pos``, so all-zero gradients neither drag the reference down nor push real values
-    out. Host counters: ``count`` (applied steps seen), ``consecutive`` (firings in a row),
-    ``used`` (last use, for the least-recently-used eviction)."""
+    """The recent applied log-norms of one gradient signature, on the host: the last
+    ``window`` valid values, oldest first (a step whose gradient norm is 0 writes nothing, so
+    all-zero gradients neither drag the reference down nor push real values out). They are
+    the host values the step's single transfer already read, so keeping them costs no
+    device work and no sync. ``above``: the last applied step was above the learn gate.
+    ``count`` (applied steps seen), ``consecutive`` (firings in a row), ``used`` (last use,
+    for the least-recently-used eviction)."""
 
-    __slots__ = ("buffer", "filled", "pos", "above", "count", "consecutive", "used")
+    __slots__ = ("values", "above", "count", "consecutive", "used")
 
-    def __init__(self, window: int, device, count: int = 0, consecutive: int = 0, used: int = 0):
-        self.buffer = torch.zeros(window, device=device)
-        self.filled = torch.zeros(window, dtype=torch.bool, device=device)
-        self.pos = torch.zeros((), dtype=torch.int64, device=device)
-        self.above = torch.zeros((), dtype=torch.bool, device=device)   # last step gated
+    def __init__(self, window: int, count: int = 0, consecutive: int = 0, used: int = 0,
+                 values: Sequence[float] = (), above: bool = False):
+        self.values: collections.deque[float] = collections.deque(values, maxlen=window)
+        self.above = above
         self.count, self.consecutive, self.used = count, consecutive, used
 
-    def to(self, device) -> "_Peak":
-        if self.buffer.device != device:
-            self.buffer, self.filled = self.buffer.to(device), self.filled.to(device)
-            self.pos, self.above = self.pos.to(device), self.above.to(device)
-        return self
+    def fill(self, value: float) -> None:
+        self.values.extend([value] * self.values.maxlen)
+        self.above = False
 
-    def write(self, value: torch.Tensor, valid: torch.Tensor) -> None:
-        """Put ``value`` in the next slot if ``valid`` (a device bool); no host sync."""
-        i = (self.pos % len(self.buffer)).reshape(1)
-        self.buffer.index_put_((i,), torch.where(valid, value, self.buffer[i]))
-        self.filled.index_put_((i,), self.filled[i] | valid)
-        self.pos += valid.to(torch.int64)
+    # the ring as tensors, oldest first (the state_dict layout; what tests read)
+    @property
+    def buffer(self) -> torch.Tensor:
+        out = torch.zeros(self.values.maxlen)
+        out[: len(self.values)] = torch.tensor(list(self.values), dtype=torch.float32)
+        return out
 
-    def fill(self, value: torch.Tensor) -> None:
-        self.buffer.copy_(value.expand_as(self.buffer))
-        self.filled.fill_(True)
-        self.pos.zero_()
-        self.above.fill_(False)
+    @property
+    def filled(self) -> torch.Tensor:
+        return torch.arange(self.values.maxlen) < len(self.values)
+
+    @property
+    def pos(self) -> torch.Tensor:
+        return torch.tensor(len(self.values) % self.values.maxlen)
 
     @classmethod
-    def from_values(cls, values: torch.Tensor, filled: torch.Tensor, count: int, window: int,
-                    consecutive: int = 0, used: int = 0) -> "_Peak":
-        """A ring of ``window`` slots holding the newest filled entries of ``values`` (a
-        ring whose newest slot is ``(count - 1) % len``), oldest first. Host side (loads)."""
-        n = min(count, len(values))
-        order = [(count - n + k) % len(values) for k in range(n)]
-        keep = [i for i in order if bool(filled[i])][-window:]
-        peak = cls(window, values.device, count=count, consecutive=consecutive, used=used)
-        if keep:
-            idx = torch.tensor(keep, device=values.device)
-            peak.buffer[: len(keep)] = values.detach().float()[idx]
-            peak.filled[: len(keep)] = True
-            peak.pos.fill_(len(keep))
-        return peak
+    def from_ring(cls, values: torch.Tensor, filled: torch.Tensor, pos: int, window: int,
+                  count: int = 0, consecutive: int = 0, used: int = 0,
+                  above: bool = False) -> "_Peak":
+        """The newest ``window`` filled entries of a saved ring whose next slot is ``pos``
+        (its newest entry at ``(pos - 1) % len``), oldest first. Host side (loads)."""
+        size = len(values)
+        order = [(pos + k) % size for k in range(size)]
+        host, mask = values.detach().float().cpu().tolist(), filled.detach().cpu().tolist()
+        keep = [host[i] for i in order if mask[i]][-window:]
+        return cls(window, count, consecutive, used, keep, above)
 
 
 class GradientSpike:
@@ -336,7 +339,9 @@ class GradientSpike:
     would skip x300 on 98.8% of steps. A window of 5 reached 12.9 on ResNet-18's clean run,
     20 reaches 1.76 there.
 
-    No host sync in :meth:`measure`; the ring values stay on the device.
+    No host sync: the reference lives on the host, built from the gradient norms the
+    guard's one transfer per step reads anyway (``StepMeasurement.grad_norm_value``), and
+    :meth:`measure` is one comparison on the device against a host limit.
     """
 
     name = "grad_spike"
@@ -368,8 +373,8 @@ class GradientSpike:
         self.current: str | None = None       # the signature measured last
         self._legacy: _Peak | None = None     # an old single-reference state, not yet keyed
         self._tick = 0
-        self._value: torch.Tensor | None = None
-        self._ceiling: torch.Tensor | None = None   # log of learn_factor x the peak, or +inf
+        self._ceiling = math.inf   # log of learn_factor x the peak measured last, or +inf
+        self._measured = False     # a measure() awaits its observe()
 
     # the reference of the signature measured last (what older code and tests read)
     def _current(self) -> _Peak | None:
@@ -381,63 +386,58 @@ class GradientSpike:
 
     signature = staticmethod(signature)
 
-    def _reference(self, key: str, device) -> _Peak | None:
+    def _reference(self, key: str) -> _Peak | None:
         ref = self.references.get(key)
         if ref is None and self._legacy is not None:     # an old state: adopt it here
             ref, self._legacy = self._legacy, None
             self.references[key] = ref
-        return None if ref is None else ref.to(device)
+        return ref
 
     def measure(self, m: StepMeasurement) -> torch.Tensor:
+        """One comparison on the device against a limit known on the host; no sync."""
         device = m.grad_norm.device
         key = self.current = self.signature(m)
+        self._ceiling, self._measured = math.inf, key is not None
         if key is None:                       # no gradient at all: nothing to test or learn
-            self._value = None
             return _false(device)
-        norm = m.grad_norm.detach()
-        log_norm = self._value = torch.log(norm.clamp_min(_TINY)).float()
-        self._ceiling = None
-        ref = self._reference(key, device)
-        if ref is None or ref.count < self.warmup:
+        ref = self._reference(key)
+        if ref is None or ref.count < self.warmup or len(ref.values) < min(self.warmup, self.window):
             return _false(device)
-        ready = ref.filled.sum() >= min(self.warmup, self.window)
-        peak = torch.where(ref.filled, ref.buffer, -math.inf).amax()
+        peak = max(ref.values)
         if self.learn_factor < self.factor:
-            self._ceiling = torch.where(ready, peak + self._log_learn, math.inf)
-        fired = log_norm > peak + self._log_factor
+            self._ceiling = peak + self._log_learn
+        norm = m.grad_norm.detach()
+        fired = norm > math.exp(peak + self._log_factor)
         if self._log_low is not None:
-            floor = torch.where(ref.filled, ref.buffer, math.inf).amin()
-            fired = fired | ((log_norm < floor - self._log_low) & (norm > 0))
-        return ready & torch.isfinite(log_norm) & fired
+            fired = fired | ((norm < math.exp(min(ref.values) - self._log_low)) & (norm > 0))
+        return fired & torch.isfinite(norm)
 
     def observe(self, m: StepMeasurement, applied: bool, fired: bool) -> None:
-        value, self._value = self._value, None
-        ceiling, self._ceiling = self._ceiling, None
-        if value is None or self.current is None:
-            return
+        ceiling, self._ceiling = self._ceiling, math.inf
+        measured, self._measured = self._measured, False
         key = self.current
-        ref = self._reference(key, value.device)
+        if key is None or not measured:   # observe once per measure
+            return
+        norm = m.grad_norm_value if m.grad_norm_value is not None else float(m.grad_norm)
+        value = math.log(max(norm, _TINY)) if not math.isnan(norm) else math.nan
+        ref = self._reference(key)
         if ref is None:
             if len(self.references) >= self.max_keys:
                 del self.references[min(self.references, key=lambda k: self.references[k].used)]
-            ref = self.references[key] = _Peak(self.window, value.device)
+            ref = self.references[key] = _Peak(self.window)
         self._tick += 1
         ref.used = self._tick
         if applied and not fired:
-            valid = torch.isfinite(value) & (value > math.log(_TINY) + 1.0)   # norm 0: nothing
-            if ceiling is None:
-                learn = valid
-                ref.above.fill_(False)
-            else:   # above the gate: learnt only when the step before was above it too
-                above = valid & (value > ceiling)
-                learn = valid & (~above | ref.above)
-                ref.above.copy_(above)
-            ref.write(value, learn)
+            valid = math.isfinite(value) and value > math.log(_TINY) + 1.0   # norm 0: nothing
+            above = valid and value > ceiling   # learn_factor: learnt only after a second one
+            if valid and (not above or ref.above):
+                ref.values.append(value)
+            ref.above = above
             ref.count += 1
             ref.consecutive = 0
         elif fired:
             ref.consecutive += 1
-            ref.above.fill_(False)       # learn_factor: a skip in between breaks the run
+            ref.above = False            # learn_factor: a skip in between breaks the run
             if self.patience is not None and ref.consecutive >= self.patience:
                 ref.fill(value)
                 ref.count, ref.consecutive = max(ref.count, self.window), 0
@@ -453,17 +453,15 @@ class GradientSpike:
         refs = list(self.references.items())
         if self._legacy is not None:
             refs.append(("", self._legacy))
-        device = refs[0][1].buffer.device if refs else torch.device("cpu")
         return {
             "keys": [k for k, _ in refs],
-            "buffers": (torch.stack([r.buffer.to(device) for _, r in refs]) if refs
+            "buffers": (torch.stack([r.buffer for _, r in refs]) if refs
                         else torch.zeros(0, self.window)),
-            "filled": (torch.stack([r.filled.to(device) for _, r in refs]) if refs
+            "filled": (torch.stack([r.filled for _, r in refs]) if refs
                        else torch.zeros(0, self.window, dtype=torch.bool)),
-            "positions": (torch.stack([r.pos.to(device) for _, r in refs]) if refs
+            "positions": (torch.stack([r.pos for _, r in refs]) if refs
                           else torch.zeros(0, dtype=torch.int64)),
-            "above": (torch.stack([r.above.to(device) for _, r in refs]) if refs
-                      else torch.zeros(0, dtype=torch.bool)),
+            "above": torch.tensor([r.above for _, r in refs], dtype=torch.bool),
             "counts": [r.count for _, r in refs],
             "consecutive": [r.consecutive for _, r in refs],
             "used": [r.used for _, r in refs],
@@ -484,34 +482,26 @@ class GradientSpike:
             if buf is not None and count > 0:
                 buf = self._finite(buf.detach().clone().float(), "buffer")
                 filled = buf > math.log(_TINY) + 1.0      # old rings stored 0-norms too
-                self._legacy = _Peak.from_values(buf, filled, count, self.window,
-                                                 consecutive=int(state["consecutive"]))
+                self._legacy = _Peak.from_ring(buf, filled, count % len(buf), self.window,
+                                               count, int(state["consecutive"]))
             return
         keys = [str(k) for k in state["keys"]]
-        buffers = state["buffers"].detach().clone().float()
-        filled = state["filled"].detach().clone().to(torch.bool)
-        positions = state["positions"].detach().clone().to(torch.int64)
+        buffers = state["buffers"].detach().float()
+        filled = state["filled"].detach().to(torch.bool)
+        positions = state["positions"].detach().to(torch.int64).tolist()
         counts, consecutive, used = state["counts"], state["consecutive"], state["used"]
+        above = state["above"].detach().tolist() if "above" in state else [False] * len(keys)
         if not (len(keys) == len(buffers) == len(filled) == len(positions) == len(counts)
-                == len(consecutive) == len(used)) or buffers.dim() != 2 \
+                == len(consecutive) == len(used) == len(above)) or buffers.dim() != 2 \
                 or buffers.shape != filled.shape:
             raise ValueError("GradientSpike state: keys, buffers, filled, counts, consecutive "
                              "and used must describe the same references.")
         refs, legacy = {}, None
         for i, key in enumerate(keys):
             buf = self._finite(buffers[i], f"buffers[{i}]")
-            if len(buf) == self.window:     # same window: the ring exactly as saved
-                peak = _Peak(self.window, buf.device, int(counts[i]), int(consecutive[i]),
-                             int(used[i]))
-                peak.buffer, peak.filled = buf.clone(), filled[i].clone()
-                peak.pos = positions[i].clone().to(buf.device)
-                if "above" in state:
-                    peak.above = state["above"][i].detach().clone().to(buf.device, torch.bool)
-            else:                           # another window: the newest values, in order
-                n = int(positions[i])
-                peak = _Peak.from_values(buf, filled[i], n, self.window, int(consecutive[i]),
-                                         int(used[i]))
-                peak.count = int(counts[i])
+            peak = _Peak.from_ring(buf, filled[i], int(positions[i]) % max(len(buf), 1),
+                                   self.window, int(counts[i]), int(consecutive[i]),
+                                   int(used[i]), bool(above[i]))
             if key == "":
                 legacy = peak
             else:

@@ -165,6 +165,7 @@ class OptimizerStateHealth:
         self.count = 0
         self._norm: torch.Tensor | None = None
         self._keys: tuple[str, ...] = ()
+        self._step: int | None = None               # the step of the last healthy check
 
     @staticmethod
     def _state_by_key(opt: torch.optim.Optimizer) -> dict[str, list[torch.Tensor]]:
@@ -195,18 +196,24 @@ class OptimizerStateHealth:
         if applied and not fired and self._norm is not None:
             if self._keys != self.keys:
                 self.keys, self.count = self._keys, 0
-            self.last, self.count = self._norm, self.count + 1
+            # ``count`` counts steps, not checks: checked every k steps (the guard's
+            # cadence), the warm-up still ends ``warmup`` steps in
+            seen = m.step - self._step if self._step is not None and m.step > self._step else 1
+            self.last, self.count, self._step = self._norm, self.count + seen, m.step
 
     def rebase(self) -> None:
         """Forget the reference and warm up again."""
-        self.last, self.keys, self.count = None, (), 0
+        self.last, self.keys, self.count, self._step = None, (), 0, None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last": self.last, "keys": list(self.keys), "count": self.count}
+        return {"last": self.last, "keys": list(self.keys), "count": self.count,
+                "step": self._step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.last, self.count = state["last"], int(state["count"])
         self.keys = tuple(state.get("keys", ()))
+        step = state.get("step")
+        self._step = None if step is None else int(step)
 
     def __repr__(self) -> str:
         return f"OptimizerStateHealth(factor={self.factor}, warmup={self.warmup})"
