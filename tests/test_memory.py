@@ -184,3 +184,49 @@ def test_gpt_reference_size():
     assert sum(p.numel() for p in task.model.parameters()) == 429_151
     assert task.batch_size == 32 and task.split.x_train.shape[1] == 64
     assert memory._gpt_width(1_000_000) % 4 == 0
+
+
+# -- pinned host memory (issue 15, item 12) --------------------------------------------------
+@pytest.mark.parametrize("nbytes, reserved", [(0, 0), (1, 1), (2, 2), (3, 4), (4, 4), (5, 8),
+                                              (4095, 4096), (4096, 4096), (4097, 8192),
+                                              (5_000_000, 8 * 2**20), (2**30 + 1, 2**31)])
+def test_pinned_reserved_rounds_up_to_a_power_of_two(nbytes, reserved):
+    assert memory.pinned_reserved(nbytes) == reserved
+
+
+def test_pinned_reserved_rejects_what_is_not_a_size():
+    for bad in (-1, 1.5, True, "8"):
+        with pytest.raises(ValueError, match="nbytes"):
+            memory.pinned_reserved(bad)
+
+
+def test_pinned_bytes_of_a_host_snapshot_with_history():
+    """Every buffer of the safe snapshot and of the ring is one pinned allocation, rounded
+    up on its own; the exact bytes are held_bytes' snapshot and ring."""
+    model, batches, probe = _problem(inputs=100, hidden=60)
+    opt = GuardedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), probe, module=model,
+                           snapshot="host", history=2, checkpoint_every=1)
+    for x, y in batches[:3]:
+        _step(opt, model, x, y)
+    assert opt._safe.mode == "host" and len(opt._ring) == 2
+    pinned = memory.pinned_bytes(opt)
+    held = memory.held_bytes(opt)
+    assert pinned["exact"] == held["snapshot"] + held["ring"] == 3 * opt._safe.nbytes()
+    sizes = [t.numel() * t.element_size() for t in
+             opt._safe._saved_params + opt._safe._saved_state + opt._safe._saved_buffers]
+    assert pinned["reserved"] == 3 * sum(1 << (n - 1).bit_length() for n in sizes if n)
+    assert pinned["exact"] <= pinned["reserved"] < 2 * pinned["exact"]
+    # the 100x60 weight (24,000 B) takes 32 KiB; its two Adam moments the same
+    w = next(model.parameters())
+    assert w.shape == (60, 100) and memory.pinned_reserved(w.numel() * 4) == 32 * 1024
+
+
+def test_memory_suite_reports_pinned_bytes(tmp_path):
+    rows = memory.run(sizes=(2_000,), quick=True, reps=1, out=str(tmp_path))
+    for r in rows:
+        assert r["pinned_ratio"] >= 1.0 and r["pinned_ratio"] < 2.0
+        assert r["pinned_B_per_param"] == pytest.approx(r["pinned_ratio"] * (
+            r["snapshot_B_per_param"] + r["ring_B_per_param"]))
+    header = (tmp_path / "memory.csv").read_text().splitlines()[0].split(",")
+    assert {"pinned_B_per_param", "pinned_ratio", "held_B_per_param"} <= set(header)
+    assert "pinned B/p" in memory.format_table(rows)

@@ -9,6 +9,11 @@ with a probe every step) :func:`run` measures, nothing typed in:
   tensors in the signals' state -- counted by walking them; and the same growth read from
   the process's resident memory (``VmRSS`` before and after wrapping a trained bare AdamW
   in the guard and stepping it), with the peak RSS of the bare and the guarded phase;
+* **pinned** host memory per parameter (``pinned_B_per_param``, ``pinned_ratio``): what the
+  snapshots' buffers would reserve as pinned host memory on CUDA (``snapshot="host"``, the
+  default for CUDA parameters), where the caching host allocator rounds every allocation up
+  to a power of two (:func:`pinned_reserved`); on CPU nothing is pinned and the figure is
+  that of the same buffers on a CUDA machine;
 * **checkpoint** bytes per parameter: ``torch.save(opt.state_dict())`` into memory for bare
   AdamW and for the guard, after verified steps;
 * **time**: ``opt.step()`` alone and a full training step (forward, backward, step), as
@@ -41,6 +46,7 @@ from .overhead import ARMS as OVERHEAD_ARMS, overhead
 from .tasks import Task, scaling_task
 
 __all__ = ["run", "format_table", "figure", "gpt_task", "held_bytes", "checkpoint_bytes",
+           "pinned_reserved", "pinned_bytes",
            "rss_bytes", "peak_rss_bytes", "reset_peak_rss", "GUARDS", "DEFAULT_SIZES",
            "FULL_SIZES", "QUICK_SIZES", "REFERENCE_GPT"]
 
@@ -143,6 +149,37 @@ def held_bytes(guard: GuardedOptimizer) -> dict[str, int]:
             "signals": signals}
 
 
+def pinned_reserved(nbytes: int) -> int:
+    """Bytes the CUDA caching host allocator reserves for a pinned allocation of ``nbytes``.
+
+    ``CachingHostAllocator::allocate`` (``ATen/core/CachingHostAllocator.h``) rounds each
+    request up to the next power of two (``c10::llvm::PowerOf2Ceil``) "to improve reuse",
+    the sizes its free lists are indexed by; requests above ``pinned_max_round_threshold``
+    or ``pinned_max_cached_size`` (``PYTORCH_CUDA_ALLOC_CONF``; both unlimited by default)
+    are taken as they are. So a 5 MB buffer holds 8 MiB of page-locked memory: up to 2x,
+    on average about 1.4x for sizes spread evenly in log scale. 0 bytes allocate nothing.
+    """
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        raise ValueError(f"Invalid nbytes: {nbytes!r}; need an int >= 0.")
+    return 0 if nbytes == 0 else 1 << (nbytes - 1).bit_length()
+
+
+def _snapshot_buffers(snapshot) -> list[torch.Tensor]:
+    return list(snapshot._saved_params) + list(snapshot._saved_state) + list(snapshot._saved_buffers)
+
+
+def pinned_bytes(guard: GuardedOptimizer) -> dict[str, int]:
+    """The safe snapshot's and the ring's buffers as host buffers: ``"exact"``, the bytes they
+    hold (what :func:`held_bytes` counts for them), and ``"reserved"``, what pinning each of
+    them costs through the CUDA caching host allocator (:func:`pinned_reserved`: one
+    allocation per buffer, as ``snapshot="host"`` makes them, ``Snapshot._alloc``). Computed
+    from the buffers' sizes whatever the mode and device: on CPU, what the same snapshot
+    would pin on a CUDA machine."""
+    sizes = [t.numel() * t.element_size()
+             for snap in (guard._safe, *guard._ring) for t in _snapshot_buffers(snap)]
+    return {"exact": sum(sizes), "reserved": sum(pinned_reserved(n) for n in sizes)}
+
+
 def checkpoint_bytes(optimizer: torch.optim.Optimizer) -> int:
     """The size of ``torch.save(optimizer.state_dict())``, written to memory."""
     buf = io.BytesIO()
@@ -231,6 +268,7 @@ def _memory(factory: Callable[[int], Task], wrap: Callable, steps: int, seed: in
     _settle()
     rss_guard, peak_guard = rss_bytes(), peak_rss_bytes()
     held = held_bytes(guard)
+    pinned = pinned_bytes(guard)
     ckpt_guard = checkpoint_bytes(guard)
     ckpt_bare = checkpoint_bytes(inner)   # the same AdamW's own state_dict, same step
     total = sum(held.values())
@@ -245,6 +283,8 @@ def _memory(factory: Callable[[int], Task], wrap: Callable, steps: int, seed: in
         "peak_rss_bare_MiB": _mib(peak_bare),
         "peak_rss_guard_MiB": _mib(peak_guard),
         "peak_rss_reset": resettable,
+        "pinned_B_per_param": pinned["reserved"] / params,
+        "pinned_ratio": pinned["reserved"] / pinned["exact"] if pinned["exact"] else math.nan,
         "ckpt_bare_B_per_param": ckpt_bare / params,
         "ckpt_guard_B_per_param": ckpt_guard / params,
         "ckpt_ratio": ckpt_guard / ckpt_bare,
@@ -325,7 +365,10 @@ def run(sizes: Sequence[int | str] | None = None, full: bool = False, quick: boo
 
     Returns one row (a dict) per model and guard configuration of :data:`GUARDS`: ``model``,
     ``guard``, ``params``, the memory and checkpoint figures of the module docstring
-    (``*_B_per_param``, ``peak_rss_*_MiB``), and ``step_ms_bare``/``step_ms_guard``/
+    (``*_B_per_param``, ``peak_rss_*_MiB``; ``pinned_B_per_param`` and ``pinned_ratio``: the
+    snapshots' pinned host memory on CUDA after the caching host allocator's power-of-two
+    rounding, per parameter and over the exact bytes, :func:`pinned_bytes`; on CPU nothing
+    is pinned, so it is what the same snapshot would cost on CUDA), and ``step_ms_bare``/``step_ms_guard``/
     ``step_ratio`` (``opt.step()`` alone), ``full_ms_bare``/``full_ms_guard``/``full_ratio``
     (forward, backward and step), ``reps``, ``steps``. Prints nothing and leaves the torch
     thread count alone.
@@ -371,6 +414,7 @@ TABLE_COLUMNS = {
     "held_B_per_param": "held B/p",
     "rss_B_per_param": "RSS B/p",
     "peak_rss_guard_MiB": "peak MiB",
+    "pinned_B_per_param": "pinned B/p",
     "ckpt_bare_B_per_param": "ckpt bare B/p",
     "ckpt_guard_B_per_param": "ckpt guard B/p",
     "step_ms_bare": "step ms bare",
@@ -385,6 +429,8 @@ def format_table(rows: Sequence[dict]) -> str:
 
     ``held B/p``: bytes per parameter the guard's tensors hold beyond bare AdamW; ``RSS B/p``:
     the resident-memory growth per parameter; ``peak MiB``: the guarded phase's peak RSS;
+    ``pinned B/p``: the snapshots' pinned host memory on CUDA per parameter, power-of-two
+    rounded (on CPU: what it would be on CUDA);
     ``ckpt``: checkpoint bytes per parameter; ``step``: ``opt.step()`` alone; ``x``: guard /
     bare time, median of paired repetitions (``full-step``: forward, backward and step)."""
     table = {}
