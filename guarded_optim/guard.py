@@ -672,8 +672,8 @@ class GuardedOptimizer(Optimizer):
         device = m.grad_norm.device
         parts = [s.measure(m).to(device, torch.float32).reshape(1) for s in pre + checked]
         parts.append(m.grad_norm.detach().float().reshape(1))
-        parts.append((overflow if overflow is not None else torch.zeros(())).to(
-            device, torch.float32).reshape(1))
+        parts.append((overflow if overflow is not None else torch.zeros((), device=device)).to(
+            device, torch.float32).reshape(1))   # made on the device: no upload, no sync
         values = agree(pack(parts), [len(parts) - 2], group, self._accelerator()).tolist()
         n = len(pre)
         m.grad_norm_value = values[-2]

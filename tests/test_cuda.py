@@ -268,10 +268,6 @@ def test_cuda_ring_push_waits_for_the_capture(monkeypatch):
     assert all(r.kind == "Event.synchronize" for r in reads.calls if "synchronize" in r.kind)
 
 
-@pytest.mark.xfail(strict=False, reason="GuardedOptimizer._read_flags packs a CPU torch.zeros(()) "
-                   "for the AMP overflow slot when there is no GradScaler and moves it to the "
-                   "device: a blocking upload from pageable memory (memcpy_and_sync), a second "
-                   "stream sync on every step; see docs/host_syncs.md")
 def test_cuda_unmeasured_step_uploads_nothing(monkeypatch):
     reads = _cuda_reads(monkeypatch)
     m = nn.Linear(64, 64).cuda()
