@@ -41,6 +41,7 @@ def guard_state(opt) -> dict[str, Any]:
         "threshold": opt.threshold.state_dict(),
         "signals": {s.name: s.state_dict() for s in opt.signals},
         "recovery": [a.state_dict() for a in opt.recovery], "in_row": opt._in_row,
+        "skips_in_row": opt._skips_in_row,
         "ladder": opt.ladder.state_dict(),
         "fisher": fisher_source(opt),
         "rng": rng.capture(),
@@ -102,6 +103,8 @@ def prepare(opt, saved: Any) -> Callable[[], None]:
             for attr, name in (("_t", "t"), ("_unverified", "unverified"),
                                ("_consecutive", "consecutive"), ("_since_push", "since_push"),
                                ("_in_row", "in_row"))}
+        counters["_skips_in_row"] = validation.integer(   # absent before 0.2
+            f"{key}['skips_in_row']", saved.get("skips_in_row", 0), low=0)
         for name in ("yhat", "y0"):
             if saved[name] is not None:
                 counters[name] = validation.real(f"{key}[{name!r}]", saved[name])
@@ -109,8 +112,8 @@ def prepare(opt, saved: Any) -> Callable[[], None]:
                 counters[name] = None
         if opt.probe is not None and counters["yhat"] is None and opt._uses_snapshots \
                 and counters["_t"] > 0:
-            raise ValueError(f"{key}['yhat'] is None but this saved has a probe: the "
-                             "state was saved by a saved without one; build it alike.")
+            raise ValueError(f"{key}['yhat'] is None but this guard has a probe: the "
+                             "state was saved by a guard without one; build it alike.")
         if saved["last_decision"] not in _DECISIONS:
             raise ValueError(f"{key}['last_decision'] is {saved['last_decision']!r}; "
                              f"expected one of {_DECISIONS}.")
@@ -129,7 +132,7 @@ def prepare(opt, saved: Any) -> Callable[[], None]:
             threshold.load_state_dict(saved["threshold"])
         except (KeyError, ValueError) as exc:
             raise ValueError(
-                f"{key}['threshold'] {saved['threshold']} does not fit this saved's "
+                f"{key}['threshold'] {saved['threshold']} does not fit this guard's "
                 f"threshold {opt.threshold!r}; build the saved with the threshold (or "
                 "epsilon) it was saved with.") from exc
         signals = [copy.deepcopy(s) for s in opt.signals]
@@ -139,7 +142,7 @@ def prepare(opt, saved: Any) -> Callable[[], None]:
             s.load_state_dict(state)
         if len(saved["recovery"]) != len(opt.recovery):
             raise ValueError(f"{key}['recovery'] has state for {len(saved['recovery'])} "
-                             f"recovery actions, this saved has {len(opt.recovery)}; build "
+                             f"recovery actions, this guard has {len(opt.recovery)}; build "
                              "it with the recovery actions it was saved with.")
         recovery = [copy.deepcopy(a) for a in opt.recovery]
         for a, sd in zip(recovery, saved["recovery"]):

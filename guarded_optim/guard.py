@@ -60,7 +60,7 @@ __all__ = ["GuardedOptimizer", "VERIFY_EVERY"]
 #: the default verification cadence of a guard without a probe (``probe_every=None``)
 VERIFY_EVERY = 10
 
-_COUNTERS = ("_t", "_unverified", "_consecutive", "_since_push", "_in_row", "yhat",
+_COUNTERS = ("_t", "_unverified", "_consecutive", "_since_push", "_in_row", "_skips_in_row", "yhat",
              "last_decision", "last_event", "_live_is_safe")
 def amp_unscale(grads: list[torch.Tensor], grad_scale: torch.Tensor) -> torch.Tensor:
     """Divide ``grads`` by ``grad_scale`` in place; return ``found_inf`` (1.0 if any is non-finite).
@@ -443,13 +443,14 @@ class GuardedOptimizer(Optimizer):
         self._consecutive = 0              # rejections in a row
         self._since_push = 0               # accepted measurements since the last ring push
         self._in_row = 0                   # rollbacks since the last healthy applied step
+        self._skips_in_row = 0             # overrulable skips since the last applied step
         self._live_is_safe = True          # the live state equals the safe snapshot
         self._restores = 0                 # restores of the safe snapshot, ever
         self.stats: dict[str, int] = {
             "steps": 0, "accepted": 0, "rollbacks": 0, "skipped": 0, "measured": 0,
             "escalations": 0, "rebaselines": 0, "escapes": 0, "skipped_amp_overflow": 0,
             "reruns": 0, "transient": 0, "persistent": 0, "quarantined": 0,
-            "skipped_quarantined": 0, "stops": 0,
+            "skipped_quarantined": 0, "stops": 0, "overruled": 0,
             **{f"skipped_{s.name}": 0 for s in self.signals if s.verdict is Verdict.SKIP},
             **{f"failures_{s.name}": 0 for s in self.signals if s.verdict is Verdict.FAILURE},
         }
@@ -622,11 +623,16 @@ class GuardedOptimizer(Optimizer):
             self.stats["skipped_quarantined"] += 1
             return self._skip("quarantined", event)
         names = [s.name for s, f in zip(pre, fired) if f]
-        if names:
+        overruled = bool(names) and self._overrules(pre, fired)
+        if names and not overruled:
             self._observe(pre, m, False, fired)
             for name in names:
                 self.stats[f"skipped_{name}"] += 1
+            self._skips_in_row += 1
             return self._skip(",".join(names), event)
+        if overruled:             # the probe decides this flagged step (.ladder, rung 1)
+            self.stats["overruled"] += 1
+            event.action, self._skips_in_row = "overrule", 0
 
         # 2. propose
         self._safe.wait()
@@ -644,8 +650,10 @@ class GuardedOptimizer(Optimizer):
         # 3. measure the proposal: probe and post-step flags in one transfer
         y, nu, eps, after, post_fired, reasons = self._measure_proposal(m, group, device, event)
 
-        # 4. decide; references learn only from the proposals that are kept
-        self._observe(pre, m, not reasons, fired)
+        # 4. decide; references learn only from the proposals that are kept (an overruled
+        #    step that is kept is an ordinary one to them)
+        self._observe(pre, m, not reasons, [False] * len(fired) if overruled and not reasons
+                      else fired)
         self._observe(post, after, not reasons, post_fired)
         if reasons and rng_before is not None and self._unverified == 1:
             kind, remeasured = self._rerun(m, loss, closure, rng_before, group, device, event)
@@ -755,8 +763,18 @@ class GuardedOptimizer(Optimizer):
             for g, lr in zip(self.param_groups, base):
                 g["lr"] = lr
 
+    def _overrules(self, pre: list, fired: list[bool]) -> bool:
+        """Whether the probe decides this flagged step instead of skipping it: a probe
+        measures it, the ladder allows it, the skip streak is long enough, and every signal
+        that fired judges scale (``overrulable``), not validity."""
+        return (self.probe is not None and self.ladder.overrule is not None
+                and self._unverified + 1 >= self.probe_every
+                and self._skips_in_row >= self.ladder.overrule
+                and all(getattr(s, "overrulable", False) for s, f in zip(pre, fired) if f))
+
     def _healthy(self) -> None:
         self._in_row = 0
+        self._skips_in_row = 0
         for a in self.recovery:
             a.on_healthy(self)
 

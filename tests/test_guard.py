@@ -102,6 +102,20 @@ def test_gradient_spike_skipped_before_it_reaches_adam_state():
     assert run(m, opt, batches[30:], start=30) == ["accept"] * 10
 
 
+def test_overruled_x300_steps_are_rolled_back_here():
+    """Opt-in overrule: every 4th flagged step is proposed; on this model the probe and
+    OptimizerStateHealth find it damaging and roll it back, so no x300 step is kept."""
+    from guarded_optim import Ladder
+    m, opt, batches = make(ladder=Ladder(overrule=3))
+    run(m, opt, batches[:20])
+    before = tiny.full_state(m, opt)
+    d = run(m, opt, batches[20:30], FaultSchedule([ScaleGradients(20, 10, factor=300.0)]), start=20)
+    assert d == (["skip"] * 3 + ["rollback"]) * 2 + ["skip"] * 2
+    assert opt.stats["skipped_grad_spike"] == 8 and opt.stats["overruled"] == 2
+    params = lambda s: {k: v for k, v in s.items() if k.startswith(("param.", "state."))}  # noqa: E731
+    tiny.assert_same(params(before), params(tiny.full_state(m, opt)))
+
+
 def test_gradient_spike_rebaselines_after_patience():
     m, opt, batches = make(steps=60, signals=[NonFinite(), GradientSpike(patience=5)])
     run(m, opt, batches[:15])

@@ -155,7 +155,51 @@ def test_rung6_rebaseline_is_an_opt_in():
     assert opt.stats["rebaselines"] >= 1 and opt.stats["stops"] == 0
 
 
+def test_rung1_the_probe_overrules_a_skip_streak_on_a_new_gradient_level():
+    """Opt-in overrule. The gradients move to a new level for good (x30, which Adam's
+    normalised step absorbs): GradientSpike skips 3 steps, then the probe decides the 4th,
+    accepts it, and the signal learns the new level: no further skip (20 by default)."""
+    from guarded_optim import GradientSpike
+    from guarded_optim.faults import FaultSchedule, ScaleGradients
+    m = tiny.model(0)
+    probe_set, batches = tiny.data(0, steps=50)
+    opt = GuardedOptimizer(torch.optim.AdamW(m.parameters(), lr=1e-2),
+                           tiny.probe_for(m, probe_set), module=m,
+                           signals=[NonFinite(), GradientSpike()], ladder=Ladder(overrule=3))
+    faults = FaultSchedule([ScaleGradients(20, 30, factor=30.0)])
+    decisions = []
+    for t, (x, y) in enumerate(batches):
+        opt.zero_grad()
+        F.mse_loss(m(x), y).backward()
+        faults.before_step(t, opt)
+        opt.step()
+        decisions.append((opt.last_decision, opt.last_event.action))
+    assert decisions[:20] == [("accept", None)] * 20
+    assert decisions[20:23] == [("skip", None)] * 3
+    assert decisions[23] == ("accept", "overrule")
+    assert decisions[24:] == [("accept", None)] * 26
+    assert opt.stats["overruled"] == 1 and opt.stats["skipped_grad_spike"] == 3
+    # by default (Ladder(overrule=None)) the signal's own patience re-bases after 20 skips
+    m2 = tiny.model(0)
+    bare_ladder = GuardedOptimizer(torch.optim.AdamW(m2.parameters(), lr=1e-2),
+                                   tiny.probe_for(m2, probe_set), module=m2,
+                                   signals=[NonFinite(), GradientSpike()],
+                                   ladder=Ladder(overrule=None))
+    skips = 0
+    for t, (x, y) in enumerate(batches):
+        bare_ladder.zero_grad()
+        F.mse_loss(m2(x), y).backward()
+        faults.before_step(t, bare_ladder)
+        bare_ladder.step()
+        skips += bare_ladder.last_decision == "skip"
+    assert skips == 20 and bare_ladder.stats["overruled"] == 0
+
+
 def test_ladder_arguments_are_checked():
+    with pytest.raises(ValueError, match="overrule"):
+        Ladder(overrule=0)
+    with pytest.raises(ValueError, match="overrule"):
+        Ladder(overrule=True)
     with pytest.raises(ValueError, match="on_exhausted"):
         Ladder(on_exhausted="ignore")
     with pytest.raises(TypeError, match="rerun"):

@@ -73,6 +73,8 @@ class Signal(Protocol):
     name: str
     phase: str          # "before" or "after"
     verdict: Verdict    # what it issues when it fires
+    # optional: ``overrulable = True`` lets a probe overrule a streak of this SKIP signal's
+    # firings (a judgement of scale, not of validity; see :class:`~guarded_optim.ladder.Ladder`)
 
     def measure(self, m: StepMeasurement) -> torch.Tensor:
         """0-d bool tensor, ``True`` when this step must not be applied. No host sync."""

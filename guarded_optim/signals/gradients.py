@@ -346,6 +346,7 @@ class GradientSpike:
 
     name = "grad_spike"
     phase, verdict = "before", Verdict.SKIP
+    overrulable = True   # a judgement of scale: the probe may overrule a streak (.ladder)
 
     def __init__(self, factor: float = 10.0, window: int = 20, warmup: int = 10,
                  patience: int | None = 20, low_factor: float | None = None, max_keys: int = 8,
