@@ -203,11 +203,11 @@ class GuardedOptimizer(Optimizer):
             a probe: measured on its proposal; without: the post-step signals check the live
             state at the start of the next step) and becomes the safe snapshot; a failed
             verification rolls back the ``k`` unverified steps. A pre-step signal that fires
-            while steps are unverified has the post-step signals check them at once. Default ``None``: 1 with a probe,
-            :data:`VERIFY_EVERY` (10) without, where the check and the capture are the
-            guard's main cost (about 1.6 ms per verification on a 0.43M-parameter GPT, for
-            an ``opt.step()`` of 2.2 ms): a probe-less rollback then returns to a state up to
-            ``k`` steps old.
+            while steps are unverified has the post-step signals check them at once.
+            Default ``None``: 1 with a probe, :data:`VERIFY_EVERY` (10) without, where the
+            check and the capture are the guard's main cost (about 1.6 ms per verification
+            on a 0.43M-parameter GPT, for an ``opt.step()`` of 2.2 ms): a probe-less
+            rollback then returns to a state up to ``k`` steps old.
         signals: a list of signals (default :func:`~guarded_optim.signals.default_signals`:
             :class:`NonFinite` and :class:`GradientSpike` skip before the step;
             :class:`NonFiniteWeights`, :class:`WeightNorm` and :class:`OptimizerStateHealth`
@@ -778,9 +778,13 @@ class GuardedOptimizer(Optimizer):
         for a in self.recovery:
             a.on_healthy(self)
 
+    @property
+    def _checks_live_state(self) -> bool:
+        """Without a probe, the post-step signals verify the live state (between steps)."""
+        return self.probe is None and self._uses_snapshots
+
     def _needs_verification_capture(self) -> bool:
-        return (self.probe is None and self._uses_snapshots
-                and self._unverified >= self.probe_every)
+        return self._checks_live_state and self._unverified >= self.probe_every
 
     def _verify(self, step: int) -> None:
         """The live state is verified: it becomes the safe snapshot (and now and then a ring entry)."""
@@ -980,8 +984,8 @@ class GuardedOptimizer(Optimizer):
         """Without a probe: run the post-step signals on the live state now, as the next
         step's start would, and on a healthy verdict verify it. Rank-local only (a collective
         here would hang the common ``if rank == 0: save(opt.state_dict())``)."""
-        if (self.probe is not None or not self._uses_snapshots or not self._unverified
-                or self._on_meta() or world_size(resolve_group(self.process_group)) > 1):
+        if (not self._checks_live_state or not self._unverified or self._on_meta()
+                or world_size(resolve_group(self.process_group)) > 1):
             return
         post = self._post
         params = [p for g in self.param_groups for p in g["params"]]
