@@ -54,12 +54,50 @@ def guard_state(opt) -> dict[str, Any]:
 
 
 def fisher_source(opt) -> str | None:
-    """Where the checkpoint's Fisher diagonal is: the inner state's ``exp_avg_sq`` (no second
-    copy), a ``FisherDiagonal`` action's state, or nowhere."""
-    from .fisher import FisherDiagonal, InnerFisher
-    if any(isinstance(a, FisherDiagonal) for a in opt.recovery):
-        return "recovery"
+    """Where the checkpoint's Fisher diagonal is (the one ``find_fisher`` reads): ``"host"``,
+    the default tracker's state (:class:`~guarded_optim.fisher.HostFisher`, in ``recovery``);
+    ``"recovery"``, a user's ``FisherDiagonal`` action's state; ``"state.exp_avg_sq"``, the
+    inner state's second moment (no second copy); ``None``, nowhere."""
+    from .fisher import FisherDiagonal, InnerFisher, is_default_fisher
+    for a in opt.recovery:
+        if isinstance(a, FisherDiagonal):
+            return "host" if is_default_fisher(a) else "recovery"
     return "state.exp_avg_sq" if InnerFisher(opt).available else None
+
+
+def _load_recovery(opt, saved: Any, key: str) -> list:
+    """Copies of ``opt.recovery`` loaded from ``saved`` (a list of states, by index).
+
+    The default Fisher tracker (:class:`~guarded_optim.fisher.HostFisher`, last in
+    ``recovery`` when the guard added it) may be on one side only: a checkpoint from a
+    release without it (the guard's tracker then starts empty), or one saved where the inner
+    optimizer kept no second moment loaded where it does (its saved entry, marked
+    ``"default": True``, is dropped). Any other count mismatch is an error. Builds new
+    objects only: nothing of ``opt`` changes.
+    """
+    from .fisher import is_default_fisher, is_default_fisher_state
+    if not isinstance(saved, (list, tuple)):
+        raise ValueError(f"{key} must be a list of recovery action states, got "
+                         f"{type(saved).__name__}.")
+    actions, states, fresh = list(opt.recovery), list(saved), []
+    has_default = bool(actions) and is_default_fisher(actions[-1])
+    saved_default = bool(states) and is_default_fisher_state(states[-1])
+    if not has_default and saved_default and len(states) == len(actions) + 1:
+        states = states[:-1]
+    elif has_default and not saved_default and len(states) == len(actions) - 1:
+        fresh, actions = [actions[-1]], actions[:-1]
+    if len(states) != len(actions):
+        raise ValueError(f"{key} has state for {len(saved)} recovery actions, this guard has "
+                         f"{len(opt.recovery)}; build it with the recovery actions it was "
+                         "saved with.")
+    recovery = [copy.deepcopy(a) for a in actions]
+    for a, sd in zip(recovery, states):
+        a.load_state_dict(sd)
+    for a in fresh:
+        a = copy.deepcopy(a)
+        a.reset()
+        recovery.append(a)
+    return recovery
 
 
 def check_inner(opt, inner: dict[str, Any], key: str) -> None:
@@ -140,13 +178,7 @@ def prepare(opt, saved: Any) -> Callable[[], None]:
             state = saved["signals"][s.name]
             check_signal_state(f"{key}['signals'][{s.name!r}]", state)
             s.load_state_dict(state)
-        if len(saved["recovery"]) != len(opt.recovery):
-            raise ValueError(f"{key}['recovery'] has state for {len(saved['recovery'])} "
-                             f"recovery actions, this guard has {len(opt.recovery)}; build "
-                             "it with the recovery actions it was saved with.")
-        recovery = [copy.deepcopy(a) for a in opt.recovery]
-        for a, sd in zip(recovery, saved["recovery"]):
-            a.load_state_dict(sd)
+        recovery = _load_recovery(opt, saved["recovery"], f"{key}['recovery']")
         ladder = copy.deepcopy(opt.ladder)
         if "ladder" in saved:
             try:

@@ -229,7 +229,12 @@ def test_ewc_layer_patterns():
 
 
 def test_tools_without_a_fisher_say_how_to_add_it():
+    from types import SimpleNamespace
+    from guarded_optim.fisher import find_fisher, is_default_fisher
+    with pytest.raises(ValueError, match="FisherDiagonal"):
+        find_fisher(SimpleNamespace(recovery=[], state={}, param_groups=[]))
     m, opt, batches = guard([EWCPenalty()])
+    opt.recovery = [a for a in opt.recovery if not is_default_fisher(a)]   # no Fisher at all
     for b in batches[:3]:
         step(m, opt, b)
     with pytest.raises(ValueError, match="FisherDiagonal"):
@@ -318,4 +323,9 @@ def test_the_guard_carries_a_fisher_diagonal_at_no_extra_cost_with_adam():
     from guarded_optim.fisher import InnerFisher, find_fisher
     assert isinstance(find_fisher(opt), InnerFisher)
     sgd = GuardedOptimizer(torch.optim.SGD(tiny.model(1).parameters(), lr=0.1))
-    assert sgd.fisher_diagonal() is None and sgd.state_dict()["guard"]["fisher"] is None
+    # SGD keeps no second moment: nothing to read before a step, and the checkpoint names
+    # the default host tracker where the guard adds one (tests/test_fisher_default.py)
+    from guarded_optim.fisher import is_default_fisher
+    tracked = any(is_default_fisher(a) for a in sgd.recovery)
+    assert sgd.fisher_diagonal() is None
+    assert sgd.state_dict()["guard"]["fisher"] == ("host" if tracked else None)
