@@ -21,7 +21,14 @@ Modes:
   backward (which only read parameters), and :meth:`Snapshot.wait` makes the current stream
   wait for it before anything writes the parameters again (the guard calls it before
   ``inner.step()``). Module buffers change during the forward pass, so they are copied on
-  the current stream, still without a host sync. The guard then costs no GPU memory.
+  the current stream, still without a host sync. Small contiguous tensors are *staged*
+  (see :func:`plan_groups`): their host copies are slices of one flat pinned buffer per
+  (device, dtype), a capture gathers up to :data:`STAGE_BYTES` of them into a device chunk
+  with one ``_foreach_copy_`` and moves the chunk with one D2H copy (a restore does the
+  reverse), instead of one copy call per tensor. Host memory stays one copy; the GPU memory
+  the guard costs is the staging chunks only: per device at most ``STAGE_BYTES`` for the
+  parameters and state plus ``STAGE_BYTES`` for the module buffers, each no larger than the
+  bytes it stages (:meth:`Snapshot.staging_nbytes`).
 * ``"auto"``   -- ``"host"`` when the parameters live on CUDA, else ``"device"``.
 """
 
@@ -32,9 +39,22 @@ from typing import Any, Iterable
 
 import torch
 
-__all__ = ["Snapshot", "SnapshotRing", "MODES"]
+__all__ = ["Snapshot", "SnapshotRing", "MODES", "STAGE_BYTES", "STAGE_TENSOR_BYTES", "plan_groups"]
 
 MODES = ("auto", "device", "host")
+
+STAGE_BYTES = 16 << 20
+"""Host mode: the largest device staging chunk, per device and per role (params + state on
+the side stream; module buffers on the current stream), so at most 2 x 16 MiB of GPU memory
+per device. A (device, dtype) group larger than this is staged in several rounds through
+the same chunk (one gather + one D2H copy per round)."""
+
+STAGE_TENSOR_BYTES = 1 << 20
+"""Host mode: tensors up to this size are staged; larger ones are copied one by one (at
+1 MiB the transfer itself, tens of microseconds over PCIe, already dwarfs the few
+microseconds of host time one copy call costs)."""
+
+_STAGE_DEVICE_TYPES: tuple[str, ...] = ("cuda",)   # tests add "cpu" to run the staged path on CPU
 
 
 def _flat_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -77,6 +97,114 @@ def _by_device(dst: list[torch.Tensor], src: list[torch.Tensor]) -> dict[torch.d
         pair[0].append(d)
         pair[1].append(t)
     return groups
+
+
+def plan_groups(tensors: list[torch.Tensor], devices: list[torch.device] | None = None,
+                chunk_bytes: int | None = None, max_tensor_bytes: int | None = None,
+                device_types: tuple[str, ...] | None = None) -> tuple[list[tuple], list[int]]:
+    """Which of ``tensors`` a host snapshot copies staged, and in which rounds (metadata only).
+
+    A tensor is staged when it is dense and contiguous, not empty, at most
+    ``min(max_tensor_bytes, chunk_bytes)`` bytes, and its device (``devices[i]``, default its
+    own) is of one of ``device_types``. Returns ``(groups, rest)``: ``groups`` holds one
+    ``(device, dtype, numel, rounds)`` per (device, dtype) with at least two staged tensors,
+    in first-seen order; ``numel`` is the length of the group's flat host buffer and each
+    round a list of ``(index, offset, numel)`` -- consecutive slices of that buffer, at most
+    ``chunk_bytes`` in all. ``rest`` lists the other indices, ascending (copied one by one).
+    Defaults: :data:`STAGE_BYTES`, :data:`STAGE_TENSOR_BYTES`, CUDA devices.
+    """
+    chunk_bytes = STAGE_BYTES if chunk_bytes is None else chunk_bytes
+    limit = min(STAGE_TENSOR_BYTES if max_tensor_bytes is None else max_tensor_bytes, chunk_bytes)
+    device_types = _STAGE_DEVICE_TYPES if device_types is None else device_types
+    keyed: dict[tuple, list[int]] = {}
+    rest: list[int] = []
+    for i, t in enumerate(tensors):
+        device = t.device if devices is None else devices[i]
+        if (device.type in device_types and t.layout == torch.strided and not t.is_quantized
+                and 0 < t.numel() * t.element_size() <= limit and t.is_contiguous()):
+            keyed.setdefault((device, t.dtype), []).append(i)
+        else:
+            rest.append(i)
+    groups = []
+    for (device, dtype), members in keyed.items():
+        if len(members) < 2:          # nothing to batch: one direct copy is cheaper
+            rest.extend(members)
+            continue
+        rounds: list[list[tuple[int, int, int]]] = [[]]
+        offset = used = 0
+        for i in members:
+            n = tensors[i].numel()
+            nbytes = n * tensors[i].element_size()
+            if used + nbytes > chunk_bytes:
+                rounds.append([])
+                used = 0
+            rounds[-1].append((i, offset, n))
+            offset += n
+            used += nbytes
+        groups.append((device, dtype, offset, rounds))
+    return groups, sorted(rest)
+
+
+class _Staging:
+    """Staged host copies of one tensor list (params + optimizer state, or module buffers).
+
+    ``views[i]`` is the host copy of staged tensor ``i``: a slice of its group's flat host
+    buffer with the live tensor's shape and strides. Per round, :meth:`copy_out` gathers the
+    live tensors into a device chunk (one ``_foreach_copy_``) and moves it with one copy;
+    :meth:`copy_in` does the reverse. The chunk is the caller's (``nbytes[device]`` bytes,
+    uint8); views of it are cached per chunk."""
+
+    def __init__(self, plan: tuple[list[tuple], list[int]], templates: list[torch.Tensor], pin: bool):
+        groups, self.rest = plan
+        self.plan = plan
+        self.views: dict[int, torch.Tensor] = {}
+        self.rounds: dict[torch.device, list[tuple]] = {}
+        self.nbytes: dict[torch.device, int] = {}
+        for device, dtype, numel, rounds in groups:
+            flat = torch.empty(numel, dtype=dtype, pin_memory=pin)
+            for members in rounds:
+                start = members[0][1]
+                n = members[-1][1] + members[-1][2] - start
+                layout = []
+                for i, off, _ in members:
+                    shape, stride = templates[i].shape, templates[i].stride()
+                    self.views[i] = flat.as_strided(shape, stride, off)
+                    layout.append((shape, stride, off - start))
+                nbytes = n * flat.element_size()
+                self.rounds.setdefault(device, []).append(
+                    (dtype, flat[start:start + n], nbytes, [m[0] for m in members], layout))
+                self.nbytes[device] = max(self.nbytes.get(device, 0), nbytes)
+        self._chunk_views: dict[torch.device, tuple] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_chunk_views"] = {}   # views of a device chunk: made anew
+        return state
+
+    def _views_of(self, device: torch.device, chunk: torch.Tensor) -> list[tuple]:
+        cached = self._chunk_views.get(device)
+        if cached is None or cached[0] is not chunk:
+            per_round = []
+            for dtype, _, nbytes, _, layout in self.rounds[device]:
+                typed = chunk[:nbytes].view(dtype)
+                per_round.append((typed, [typed.as_strided(shape, stride, off)
+                                          for shape, stride, off in layout]))
+            cached = self._chunk_views[device] = (chunk, per_round)
+        return cached[1]
+
+    def copy_out(self, device: torch.device, chunk: torch.Tensor, live: list[torch.Tensor],
+                 non_blocking: bool) -> None:
+        """Live tensors -> host copies, through ``chunk``, on the current stream."""
+        for (typed, views), (_, host, _, idx, _) in zip(self._views_of(device, chunk), self.rounds[device]):
+            torch._foreach_copy_(views, [live[i] for i in idx])
+            host.copy_(typed, non_blocking=non_blocking)
+
+    def copy_in(self, device: torch.device, chunk: torch.Tensor, live: list[torch.Tensor],
+                non_blocking: bool) -> None:
+        """Host copies -> live tensors, through ``chunk``, on the current stream."""
+        for (typed, views), (_, host, _, idx, _) in zip(self._views_of(device, chunk), self.rounds[device]):
+            typed.copy_(host, non_blocking=non_blocking)
+            torch._foreach_copy_([live[i] for i in idx], views)
 
 
 def _fingerprint(optimizer: torch.optim.Optimizer, buffers: list[torch.Tensor]) -> tuple:
@@ -129,10 +257,14 @@ class Snapshot:
         self._param_layout: list[tuple] = []
         self._param_versions: list[int] = []
         self._in_flight: list[torch.Tensor] | None = None   # live tensors a side-stream copy reads
+        self._stage: _Staging | None = None          # staged part of params + state (host mode)
+        self._buffer_stage: _Staging | None = None   # staged part of the module buffers
+        self._chunks: dict[tuple, torch.Tensor] = {}  # (role, device) -> device staging chunk
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_streams"], state["_buffer_events"], state["_in_flight"] = {}, {}, None  # made anew
+        state["_chunks"] = {}
         return state
 
     def _side_stream(self, device: torch.device | None = None):
@@ -161,13 +293,59 @@ class Snapshot:
     def _live_buffers(self) -> list[torch.Tensor]:
         return [] if self.module is None else [b for b in self.module.buffers() if b is not None]
 
+    def _alloc_all(self, templates: list[torch.Tensor], plan: tuple | None = None,
+                   ) -> tuple[list[torch.Tensor], _Staging | None]:
+        """Buffers for ``templates`` and their staging: in host mode the tensors that
+        :func:`plan_groups` stages (or ``plan``, for templates that are another snapshot's
+        buffers) get views of flat host buffers, the rest one buffer each (:meth:`_alloc`)."""
+        if plan is None and self.mode == "host":
+            plan = plan_groups([_local(t) for t in templates])
+        if plan is None or not plan[0]:
+            return [self._alloc(t) for t in templates], None
+        stage = _Staging(plan, [_local(t) for t in templates], self._pin)
+        return [stage.views[i] if i in stage.views else self._alloc(t)
+                for i, t in enumerate(templates)], stage
+
+    def _chunk(self, role: str, device: torch.device, nbytes: int) -> torch.Tensor:
+        """The device staging chunk of ``role`` ("state": side stream, "buffers": current
+        stream), at least ``nbytes``; grown, never shrunk (``nbytes <= STAGE_BYTES``). It is
+        allocated on the current stream; the state chunk is marked used on the side stream,
+        so that freeing it (a grown chunk, a dropped snapshot) never hands its block out
+        while a capture still reads it."""
+        chunk = self._chunks.get((role, device))
+        if chunk is None or chunk.numel() < nbytes:
+            chunk = self._chunks[(role, device)] = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            if role == "state" and self._side and device.type == "cuda":
+                chunk.record_stream(self._side_stream(device))
+        return chunk
+
+    def _copy(self, dst: list[torch.Tensor], src: list[torch.Tensor], stage: _Staging | None,
+              role: str, out: bool) -> None:
+        """``dst <- src`` on the current streams, staged where ``stage`` says; ``out``: a
+        capture (live -> saved), else a restore (saved -> live)."""
+        if stage is None:
+            torch._foreach_copy_(dst, src, non_blocking=self._pin)
+            return
+        if stage.rest:
+            torch._foreach_copy_([dst[i] for i in stage.rest], [src[i] for i in stage.rest],
+                                 non_blocking=self._pin)
+        for device in stage.rounds:
+            chunk = self._chunk(role, device, stage.nbytes[device])
+            if out:
+                stage.copy_out(device, chunk, src, self._pin)
+            else:
+                stage.copy_in(device, chunk, dst, self._pin)
+
+    def staging_nbytes(self) -> int:
+        """Device bytes held by the staging chunks (host mode on CUDA; 0 otherwise)."""
+        return sum(c.numel() for c in self._chunks.values())
+
     def _rebuild(self) -> None:
         """Allocate buffers for the live layout (params, state keys, module buffers)."""
         opt = self.optimizer
         self._params = _flat_params(opt)
-        self._saved_params = [self._alloc(p) for p in self._params]
         self._keys, self._others = {}, {}
-        self._live_state, self._saved_state = [], []
+        self._live_state = []
         for i, p in enumerate(self._params):
             if p not in opt.state:
                 continue
@@ -176,13 +354,14 @@ class Snapshot:
                 if _buffered(v):
                     keys.append(k)
                     self._live_state.append(v)
-                    self._saved_state.append(self._alloc(v))
                 else:
                     self._others.setdefault(i, {})[k] = None
             self._keys[i] = keys
         self._state_devices = [t.device for t in self._live_state]
+        saved, self._stage = self._alloc_all(self._params + self._live_state)
+        self._saved_params, self._saved_state = saved[:len(self._params)], saved[len(self._params):]
         self._buffers = self._live_buffers()
-        self._saved_buffers = [self._alloc(b) for b in self._buffers]
+        self._saved_buffers, self._buffer_stage = self._alloc_all(self._buffers)
         self._fp = _fingerprint(opt, self._buffers)
         self._param_layout = _layout(self._params)
         self._verify = 2
@@ -227,21 +406,34 @@ class Snapshot:
                 self._live_state = live_state
         live = _locals(self._params) + _locals(self._live_state)
         saved = self._saved_params + self._saved_state
+        stage = self._stage
         if self._side:
-            for device, (dst, src) in _by_device(saved, live).items():
+            rest = range(len(saved)) if stage is None else stage.rest
+            work = _by_device([saved[i] for i in rest], [live[i] for i in rest])
+            for device in () if stage is None else stage.rounds:
+                work.setdefault(device, ([], []))
+            for device, (dst, src) in work.items():
+                staged = stage is not None and device in stage.rounds
+                chunk = self._chunk("state", device, stage.nbytes[device]) if staged else None
                 if device.type != "cuda":
-                    torch._foreach_copy_(dst, src)
+                    if dst:
+                        torch._foreach_copy_(dst, src)
+                    if staged:
+                        stage.copy_out(device, chunk, live, False)
                     continue
                 stream = self._side_stream(device)
                 stream.wait_stream(torch.cuda.current_stream(device))
-                with torch.cuda.stream(stream):
-                    torch._foreach_copy_(dst, src, non_blocking=True)
+                with torch.cuda.stream(stream):   # the chunk's reuse is ordered on this stream
+                    if dst:
+                        torch._foreach_copy_(dst, src, non_blocking=True)
+                    if staged:
+                        stage.copy_out(device, chunk, live, True)
                 self._streams[device][1].record(stream)
             self._in_flight = live   # held until wait(): a replaced tensor is not reused mid-copy
         elif live:
-            torch._foreach_copy_(saved, live, non_blocking=self._pin)
+            self._copy(saved, live, stage, "state", out=True)
         if self._buffers:
-            torch._foreach_copy_(self._saved_buffers, self._buffers, non_blocking=self._pin)
+            self._copy(self._saved_buffers, self._buffers, self._buffer_stage, "buffers", out=True)
             if self._pin:   # pinned D2H copies on the current streams: events to wait on
                 for device in {b.device for b in self._buffers if b.is_cuda}:
                     event = self._buffer_events.setdefault(device, torch.cuda.Event())
@@ -299,10 +491,10 @@ class Snapshot:
         opt = self.optimizer
         live = _locals(self._params) + _locals(self._relayout_state())  # resolved afresh
         saved = self._saved_params + self._saved_state
-        if live:
-            torch._foreach_copy_(live, saved, non_blocking=self._pin)
+        if live:   # after wait(): the state chunk is no longer read by a capture
+            self._copy(live, saved, self._stage, "state", out=False)
         if self._buffers:
-            torch._foreach_copy_(self._buffers, self._saved_buffers, non_blocking=self._pin)
+            self._copy(self._buffers, self._saved_buffers, self._buffer_stage, "buffers", out=False)
         for i, values in self._others.items():
             opt.state[self._params[i]].update(copy.deepcopy(values))
         fp = _fingerprint(opt, self._buffers)  # params added since capture: rebuild next time
@@ -349,6 +541,7 @@ class Snapshot:
             saved.copy_(_local(p))
             self._saved_params.append(saved)
         self._fp = None
+        self._stage = None   # its indices count the state after the params: copy one by one
 
     def copy_from(self, other: "Snapshot") -> None:
         """Make this snapshot equal to ``other`` (same optimizer), reusing its own buffers."""
@@ -357,12 +550,15 @@ class Snapshot:
         sizes = lambda s: (len(s._saved_params), len(s._saved_state), len(s._saved_buffers))  # noqa: E731
         if self._fp != other._fp or sizes(self) != sizes(other):
             self._params = list(other._params)
-            self._saved_params = [self._alloc(t) for t in other._saved_params]
             self._live_state = list(other._live_state)
-            self._saved_state = [self._alloc(t) for t in other._saved_state]
+            n = len(other._saved_params)
+            plan = None if other._stage is None else other._stage.plan
+            saved, self._stage = self._alloc_all(other._saved_params + other._saved_state, plan or ([], []))
+            self._saved_params, self._saved_state = saved[:n], saved[n:]
             self._state_devices = list(other._state_devices)
             self._buffers = list(other._buffers)
-            self._saved_buffers = [self._alloc(t) for t in other._saved_buffers]
+            plan = None if other._buffer_stage is None else other._buffer_stage.plan
+            self._saved_buffers, self._buffer_stage = self._alloc_all(other._saved_buffers, plan or ([], []))
             self._keys = {i: list(k) for i, k in other._keys.items()}
             self._fp = other._fp
         with torch.no_grad():
@@ -469,6 +665,7 @@ class Snapshot:
         self.step, self.meta = int(sd["step"]), dict(sd["meta"])
         self._fp = None  # live tensors are resolved at the next restore/capture
         self._live_state = []
+        self._stage = self._buffer_stage = None   # one buffer each; staged again at the next capture
 
 
 class SnapshotRing:

@@ -279,3 +279,72 @@ def test_cuda_unmeasured_step_uploads_nothing(monkeypatch):
         with reads.counting():
             opt.step()
         assert reads.of("upload") == [], reads.calls
+
+
+# -- staged host copies (issue 15 item 9; guarded_optim/snapshot.py plan_groups) ------------
+# Small contiguous tensors go through a bounded device chunk: one gather + one D2H copy per
+# round on the side stream. STAGE_BYTES is shrunk here so a capture takes several rounds
+# through the same chunk (its reuse is ordered by the side stream alone).
+
+def _small_chunks(monkeypatch, nbytes=4096):
+    from guarded_optim import snapshot
+    monkeypatch.setattr(snapshot, "STAGE_BYTES", nbytes)
+    return snapshot
+
+
+def test_staged_capture_in_flight_is_ordered_and_exact(monkeypatch):
+    _small_chunks(monkeypatch)
+    m, opt, x, y = _setup()
+    _step(m, opt, x, y)
+    snap = opt._safe
+    assert snap._stage is not None and sum(len(r) for r in snap._stage.rounds.values()) > 1
+    expected = [t.detach().clone() for t in list(m.parameters()) + snap._live_state]
+    torch.cuda.synchronize()
+    _delay_side_stream(opt)
+    snap.capture(opt._t)                        # several rounds, in flight behind the sleep
+    opt.wait_for_snapshot()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(0)
+        for t in snap._live_state:
+            t.zero_()
+    snap.synchronize()
+    saved = snap._saved_params + snap._saved_state
+    assert all(torch.equal(a, b.to(a.device)) for a, b in zip(expected, saved))
+    snap.restore()                              # staged H2D + scatter on the current stream
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(expected, list(m.parameters()) + snap._live_state))
+
+
+def test_staging_memory_is_bounded_and_transfers_are_one_per_round(monkeypatch):
+    snapshot = _small_chunks(monkeypatch)
+    m, opt, x, y = _setup()
+    _step(m, opt, x, y)
+    snap = opt._safe
+    assert 0 < snap.staging_nbytes() <= 2 * snapshot.STAGE_BYTES
+    assert all(t.is_pinned() for t in snap._saved_params + snap._saved_state + snap._saved_buffers)
+    calls = {"d2h": 0}
+    foreach, copy = torch._foreach_copy_, torch.Tensor.copy_
+
+    def foreach_copy(dst, src, **kw):
+        calls["d2h"] += sum(d.device.type == "cpu" and s.is_cuda for d, s in zip(dst, src))
+        return foreach(dst, src, **kw)
+
+    def tensor_copy(self, src, *a, **kw):
+        calls["d2h"] += self.device.type == "cpu" and src.is_cuda
+        return copy(self, src, *a, **kw)
+
+    monkeypatch.setattr(torch, "_foreach_copy_", foreach_copy)
+    monkeypatch.setattr(torch.Tensor, "copy_", tensor_copy)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    snap.capture(opt._t)
+    snap.synchronize()
+    assert torch.cuda.memory_allocated() == base            # the chunks are reused
+    stages = [s for s in (snap._stage, snap._buffer_stage) if s is not None]
+    live = list(m.parameters()) + snap._live_state + snap._buffers
+    cuda_rest = sum(1 for s, ts in ((snap._stage, list(m.parameters()) + snap._live_state),
+                                    (snap._buffer_stage, snap._buffers)) if s is not None
+                    for i in s.rest if ts[i].is_cuda)
+    rounds = sum(len(r) for s in stages for r in s.rounds.values())
+    assert calls["d2h"] == rounds + cuda_rest < sum(t.is_cuda for t in live)
