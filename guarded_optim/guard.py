@@ -48,6 +48,7 @@ from . import checkpoint, rng, validation
 from .distributed import AUTO, agree, agree_host, full_value, pack, resolve_group, world_size
 from .events import StepEvent
 from .innovation import FixedThreshold, RelativeThreshold, Threshold, accepts, ewma, innovation
+from .fisher import FisherDiagonal, default_fisher
 from .ladder import GuardStopped, Ladder, _plain_id
 from .logs import RateLimitedLog
 from .policy import Decision, RecoveryAction
@@ -225,7 +226,11 @@ class GuardedOptimizer(Optimizer):
             the step: it was applied and committed; the error propagates to the caller.
         recovery: healing actions run after rollbacks (:mod:`.policy`: ``ReduceLR``,
             ``Escape``, or ``arc_recovery()``). Default: none, so the guard never changes
-            the optimisation itself; every action it takes is reported in the events.
+            the optimisation itself; every action it takes is reported in the events. One
+            tracker is added when the inner optimizer keeps no second moment (SGD, Adagrad,
+            ...): :class:`~guarded_optim.fisher.HostFisher`, the diagonal Fisher in host
+            memory (4 B/param), updated once per verification; the Adam family's
+            ``exp_avg_sq`` already is that estimate, at no extra byte.
         ladder: the escalation ladder (:mod:`.ladder`): re-run a rejected step in place,
             quarantine persistent bad batches, and when ``max_consecutive_rejections`` is
             spent, stop with :class:`GuardStopped` (default) or re-baseline.
@@ -319,6 +324,10 @@ class GuardedOptimizer(Optimizer):
                                      '[CSVSink("guard.csv")]')
         recovery = validation.items("recovery", recovery, _is_action, "RecoveryAction instances",
                                     "[ReduceLR()]")
+        if not any(isinstance(a, FisherDiagonal) for a in recovery):
+            tracker = default_fisher(optimizer)   # None where the inner keeps exp_avg_sq
+            if tracker is not None:               # (design card: a Fisher diagonal is saved)
+                recovery = [*recovery, tracker]   # last: the checkpoint loader relies on it
         if ladder is not None:
             validation.instance("ladder", ladder, lambda x: isinstance(x, Ladder),
                                 "a guarded_optim.Ladder, e.g. Ladder(on_exhausted='rebaseline')")
