@@ -230,3 +230,14 @@ def test_memory_suite_reports_pinned_bytes(tmp_path):
     header = (tmp_path / "memory.csv").read_text().splitlines()[0].split(",")
     assert {"pinned_B_per_param", "pinned_ratio", "held_B_per_param"} <= set(header)
     assert "pinned B/p" in memory.format_table(rows)
+
+
+def test_pinned_bytes_counts_a_staged_flat_buffer_once():
+    """Staged tensors (snapshot.plan_groups) are slices of one flat host buffer: one
+    allocation, rounded once, not once per slice."""
+    from types import SimpleNamespace
+    flat = torch.zeros(300)                       # 1200 bytes -> 2048 reserved
+    snap = SimpleNamespace(_saved_params=[flat[:100], flat[100:250]], _saved_state=[flat[250:]],
+                           _saved_buffers=[])
+    out = memory.pinned_bytes(SimpleNamespace(_safe=snap, _ring=[]))
+    assert out == {"exact": 1200, "reserved": 2048}

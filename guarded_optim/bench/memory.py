@@ -172,12 +172,17 @@ def pinned_bytes(guard: GuardedOptimizer) -> dict[str, int]:
     """The safe snapshot's and the ring's buffers as host buffers: ``"exact"``, the bytes they
     hold (what :func:`held_bytes` counts for them), and ``"reserved"``, what pinning each of
     them costs through the CUDA caching host allocator (:func:`pinned_reserved`: one
-    allocation per buffer, as ``snapshot="host"`` makes them, ``Snapshot._alloc``). Computed
+    allocation per storage, as ``snapshot="host"`` makes them: a buffer of its own, or the
+    flat buffer that staged tensors are slices of, :func:`~guarded_optim.snapshot.plan_groups`). Computed
     from the buffers' sizes whatever the mode and device: on CPU, what the same snapshot
     would pin on a CUDA machine."""
-    sizes = [t.numel() * t.element_size()
-             for snap in (guard._safe, *guard._ring) for t in _snapshot_buffers(snap)]
-    return {"exact": sum(sizes), "reserved": sum(pinned_reserved(n) for n in sizes)}
+    buffers = [t for snap in (guard._safe, *guard._ring) for t in _snapshot_buffers(snap)]
+    storages = {}   # one allocation per storage: staged buffers are slices of a flat one
+    for t in buffers:
+        st = t.untyped_storage()
+        storages[st.data_ptr()] = st.nbytes()
+    return {"exact": sum(t.numel() * t.element_size() for t in buffers),
+            "reserved": sum(pinned_reserved(n) for n in storages.values())}
 
 
 def checkpoint_bytes(optimizer: torch.optim.Optimizer) -> int:
