@@ -202,7 +202,8 @@ class GuardedOptimizer(Optimizer):
         alpha: EWMA factor of ``yhat`` in ``(0, 1)`` (default 0.1, as in the paper).
         probe_every: the verification cadence: every ``k``-th applied step is verified (with
             a probe: measured on its proposal; without: the post-step signals check the live
-            state at the start of the next step) and becomes the safe snapshot; a failed
+            state right after its proposal, or at the next step's start when ``k=1``; see
+            ``_check_live``) and becomes the safe snapshot; a failed
             verification rolls back the ``k`` unverified steps. A pre-step signal that fires
             while steps are unverified has the post-step signals check them at once.
             Default ``None``: 1 with a probe, :data:`VERIFY_EVERY` (10) without, where the
@@ -652,8 +653,13 @@ class GuardedOptimizer(Optimizer):
         self._live_is_safe = False
         if self.probe is None or self._unverified < self.probe_every:
             self._observe(pre, m, True, fired)
+            if self.probe_every > 1 and self._needs_verification_capture():   # see _check_live
+                damaged = self._check_live(m, group, event)
+                if damaged:
+                    return self._fail(damaged, None, event)
+                self._verify(t + 1)   # the copy overlaps the next forward and backward
             self._healthy()
-            self.stats["accepted"] += 1   # provisional: checked at the next step's start
+            self.stats["accepted"] += 1   # provisional until a verification
             return self._finish(Decision.ACCEPT, event)
 
         # 3. measure the proposal: probe and post-step flags in one transfer
@@ -771,6 +777,20 @@ class GuardedOptimizer(Optimizer):
         finally:
             for g, lr in zip(self.param_groups, base):
                 g["lr"] = lr
+
+    def _check_live(self, m: StepMeasurement, group: Any, event: StepEvent) -> list[str]:
+        """Without a probe and with ``probe_every=k > 1``: the post-step signals on the
+        live state right after the k-th unverified proposal (a second transfer, on every
+        k-th step only), so its capture is issued at once and overlaps the next step's
+        forward and backward instead of sitting before its ``inner.step()``. With ``k=1``
+        the check stays at the next step's start, in the transfer that step makes anyway
+        (damage written between steps is then seen before anything is proposed on it).
+        Returns the signals that fired."""
+        post, after = self._post, m.after_proposal()
+        fired = self._read_flags(after, [], post, None, group).state_fired
+        event.signals.update((s.name, f) for s, f in zip(post, fired))
+        self._observe(post, after, not any(fired), fired)
+        return [s.name for s, f in zip(post, fired) if f]
 
     def _overrules(self, pre: list, fired: list[bool]) -> bool:
         """Whether the probe decides this flagged step instead of skipping it: a probe

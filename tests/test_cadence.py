@@ -57,15 +57,17 @@ def test_probe_less_guard_checks_and_captures_every_k_steps():
     seen = _captures(opt)
     _, batches = tiny.data(0, steps=35)
     assert _run(opt, m, batches) == [("accept", None)] * 35
-    # the k applied steps ending at step 10 are checked (and captured) when step 10 starts
+    # the k-th applied step (steps 9, 19, 29) is checked right after its proposal and its
+    # result captured as the state step 10 (20, 30) starts from
     assert seen == [10, 20, 30]
     assert opt._unverified == 5
 
 
 def test_state_damage_is_rolled_back_at_the_next_verification():
     """Damage no pre-step signal sees (Adam's second moment x1e6 before step 24: tiny
-    updates) is found by the check when step 30 starts; steps 24-29 are applied meanwhile
-    (then undone). (OptimizerStateHealth's warm-up, 10 steps, ends at the check of step 20.)"""
+    updates) is found by the check right after step 29's proposal; steps 24-29 are applied
+    meanwhile (then undone). (OptimizerStateHealth's warm-up, 10 steps, ends at the check of
+    step 19.)"""
     m = tiny.model(0)
     opt = _guard(m)
     _, batches = tiny.data(0, steps=35)
@@ -75,9 +77,9 @@ def test_state_damage_is_rolled_back_at_the_next_verification():
             with torch.no_grad():
                 for st in opt.state.values():
                     st["exp_avg_sq"].mul_(1e6)
-    d = _run(opt, m, batches[:31], between=between)
-    assert d[:30] == [("accept", None)] * 30          # steps 24-29: not yet checked
-    assert d[30][0] == "rollback" and "optimizer_state" in d[30][1]   # step 30's check
+    d = _run(opt, m, batches[:30], between=between)
+    assert d[:29] == [("accept", None)] * 29          # steps 24-28: not yet checked
+    assert d[29][0] == "rollback" and "optimizer_state" in d[29][1]   # step 29's check
     assert opt.stats["failures_optimizer_state"] == 1
 
 
@@ -93,9 +95,9 @@ def test_rollback_returns_exactly_to_the_state_the_last_verification_captured():
             with torch.no_grad():
                 for st in opt.state.values():
                     st["exp_avg_sq"].mul_(1e6)
-    d = _run(opt, m, batches[:31], between=between)
-    assert d[30][0] == "rollback"
-    tiny.assert_same(_weights_and_state(m, opt), states[20])   # verified when step 20 started
+    d = _run(opt, m, batches[:30], between=between)
+    assert d[29][0] == "rollback"
+    tiny.assert_same(_weights_and_state(m, opt), states[20])   # verified after step 19
 
 
 def test_a_pre_step_alarm_checks_the_unverified_state_at_once():

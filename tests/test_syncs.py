@@ -259,12 +259,13 @@ def test_torch_internal_reads_do_not_count(reads):
 
 # -- (1) accepted steps between verifications ----------------------------------------------
 def test_unmeasured_accepted_step_reads_one_value_batch(reads):
-    """The default probe-less guard: steps between verifications read the flag vector once."""
+    """The default probe-less guard: steps between verifications read the flag vector once;
+    the k-th reads the post-step flags a second time, after its proposal (_check_live)."""
     m, opt, batches, _ = _problem()
     assert opt.probe_every == VERIFY_EVERY == 10
     per_step = _train(reads, m, opt, batches[:VERIFY_EVERY])
-    assert per_step == [[FLAGS]] * VERIFY_EVERY
-    assert opt.stats["accepted"] == VERIFY_EVERY and opt._unverified == VERIFY_EVERY
+    assert per_step == [[FLAGS]] * (VERIFY_EVERY - 1) + [[FLAGS, FLAGS]]
+    assert opt.stats["accepted"] == VERIFY_EVERY and opt._unverified == 0
 
 
 def test_unmeasured_steps_of_a_probed_guard_read_once(reads):
@@ -275,16 +276,19 @@ def test_unmeasured_steps_of_a_probed_guard_read_once(reads):
 
 
 # -- (2) the probe-less verification step ----------------------------------------------------
-def test_probe_less_verification_step_checks_and_captures_in_the_same_transfer(reads):
+def test_probe_less_verification_step_checks_after_its_proposal_and_captures(reads):
+    """The k-th step checks the live state right after its proposal (one more read, every k
+    steps) and issues the capture at once, to overlap the next forward and backward."""
     m, opt, batches, _ = _problem()
-    _train(reads, m, opt, batches[:VERIFY_EVERY])
+    _train(reads, m, opt, batches[:VERIFY_EVERY - 1])
     assert opt._safe.step == 0
-    assert _step(reads, m, opt, batches[VERIFY_EVERY]) == [FLAGS]
+    assert _step(reads, m, opt, batches[VERIFY_EVERY - 1]) == [FLAGS, FLAGS]
     assert opt._safe.step == VERIFY_EVERY          # captured: the live state was verified
     assert {s.name for s in opt._post} <= set(opt.last_event.signals)   # checked in that read
     # the next stretch costs the same again
-    per_step = _train(reads, m, opt, batches[VERIFY_EVERY + 1:2 * VERIFY_EVERY + 1])
-    assert per_step == [[FLAGS]] * VERIFY_EVERY and opt._safe.step == 2 * VERIFY_EVERY
+    per_step = _train(reads, m, opt, batches[VERIFY_EVERY:2 * VERIFY_EVERY])
+    assert per_step == [[FLAGS]] * (VERIFY_EVERY - 1) + [[FLAGS, FLAGS]]
+    assert opt._safe.step == 2 * VERIFY_EVERY
 
 
 def test_cpu_only_norm_repair_reads_are_cpu_tensors(reads):
@@ -349,12 +353,14 @@ def test_damaged_weights_between_steps_cost_a_second_read_when_unverified(reads)
     assert opt.last_decision == "rollback"
 
 
-def test_damaged_weights_at_a_verification_step_cost_one_read(reads):
+def test_damaged_weights_at_a_verification_step_cost_two_reads(reads):
+    """NaN written before the k-th step: its gradients are NaN, the alarm has the post-step
+    signals check the live state at once (the second read), and it rolls back."""
     m, opt, batches, _ = _problem()
-    _train(reads, m, opt, batches[:VERIFY_EVERY])
+    _train(reads, m, opt, batches[:VERIFY_EVERY - 1])
     with torch.no_grad():
         next(m.parameters())[0, 0] = float("nan")
-    assert _step(reads, m, opt, batches[VERIFY_EVERY]) == [FLAGS]
+    assert _step(reads, m, opt, batches[VERIFY_EVERY - 1]) == [FLAGS, FLAGS]
     assert opt.last_decision == "rollback"
 
 
