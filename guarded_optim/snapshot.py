@@ -99,6 +99,31 @@ def _by_device(dst: list[torch.Tensor], src: list[torch.Tensor]) -> dict[torch.d
     return groups
 
 
+def _tree_to(obj: Any, device: torch.device | None) -> Any:
+    """A copy of ``obj`` (state that is not a tensor per parameter: LBFGS's direction
+    history, counters) with every tensor copied, to ``device`` when one is given (host mode:
+    the CPU at capture, the parameter's device at restore), else where it is."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to(device if device is not None else obj.device, copy=True)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_tree_to(x, device) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _tree_to(v, device) for k, v in obj.items()}
+    return copy.deepcopy(obj)
+
+
+def _first_device(obj: Any) -> torch.device | None:
+    """The device of the first tensor in ``obj`` (a tensor, or lists/dicts of them)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.device
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    for x in items:
+        d = _first_device(x)
+        if d is not None:
+            return d
+    return None
+
+
 def plan_groups(tensors: list[torch.Tensor], devices: list[torch.device] | None = None,
                 chunk_bytes: int | None = None, max_tensor_bytes: int | None = None,
                 device_types: tuple[str, ...] | None = None) -> tuple[list[tuple], list[int]]:
@@ -249,6 +274,7 @@ class Snapshot:
         self._saved_params: list[torch.Tensor] = []
         self._keys: dict[int, list[str]] = {}             # param index -> tensor state keys
         self._others: dict[int, dict[str, Any]] = {}      # param index -> non-tensor state
+        self._others_home: dict[tuple[int, str], torch.device] = {}   # host mode: their device
         self._live_state: list[torch.Tensor] = []
         self._saved_state: list[torch.Tensor] = []
         self._state_devices: list[torch.device] = []      # where each live state tensor lives
@@ -344,7 +370,7 @@ class Snapshot:
         """Allocate buffers for the live layout (params, state keys, module buffers)."""
         opt = self.optimizer
         self._params = _flat_params(opt)
-        self._keys, self._others = {}, {}
+        self._keys, self._others, self._others_home = {}, {}, {}
         self._live_state = []
         for i, p in enumerate(self._params):
             if p not in opt.state:
@@ -439,9 +465,12 @@ class Snapshot:
                     event = self._buffer_events.setdefault(device, torch.cuda.Event())
                     event.record(torch.cuda.current_stream(device))
         state = self.optimizer.state
+        host = torch.device("cpu") if self.mode == "host" else None   # never a device clone
         for i, ks in self._others.items():
             entry = state[self._params[i]]
-            self._others[i] = {k: copy.deepcopy(entry[k]) for k in ks if k in entry}
+            self._others[i] = {k: _tree_to(entry[k], host) for k in ks if k in entry}
+            if host is not None:   # where each key's tensors live, to put them back there
+                self._others_home.update({(i, k): _first_device(entry[k]) for k in ks if k in entry})
         self._param_versions = _versions(self._params)
         self.step, self.meta = step, dict(meta)
 
@@ -496,7 +525,10 @@ class Snapshot:
         if self._buffers:
             self._copy(self._buffers, self._saved_buffers, self._buffer_stage, "buffers", out=False)
         for i, values in self._others.items():
-            opt.state[self._params[i]].update(copy.deepcopy(values))
+            home = self._params[i].device if self.mode == "host" else None
+            opt.state[self._params[i]].update(
+                {k: _tree_to(v, self._others_home.get((i, k), home) if home is not None else None)
+                 for k, v in values.items()})
         fp = _fingerprint(opt, self._buffers)  # params added since capture: rebuild next time
         self._fp = fp if fp[3] == len(self._params) else None
 
@@ -568,6 +600,7 @@ class Snapshot:
                 if dst:
                     torch._foreach_copy_(dst, src)
         self._others = copy.deepcopy(other._others)
+        self._others_home = dict(other._others_home)
         self._param_layout, self._param_versions = list(other._param_layout), list(other._param_versions)
         self._verify, self._regather = other._verify, other._regather
         self.step, self.meta = other.step, dict(other.meta)

@@ -412,3 +412,40 @@ def test_staged_ring_copy_state_dict_and_added_params(staged_on_cpu, tmp_path):
     tiny.assert_same(at5, tiny.full_state(m, opt))
     snap.capture(step=6)
     assert snap._stage is not None
+
+
+def test_host_mode_keeps_lbfgs_history_on_the_host_and_restores_it_exactly():
+    """LBFGS's direction history (not a tensor per parameter) is copied to the host in host
+    mode (issue 15 item 8: it was cloned on the device at every capture) and put back where
+    it lived, bit for bit."""
+    from guarded_optim.snapshot import Snapshot
+    torch.manual_seed(0)
+    m = torch.nn.Linear(6, 2)
+    opt = torch.optim.LBFGS(m.parameters(), lr=0.5, history_size=3)
+    x, y = torch.randn(16, 6), torch.randn(16, 2)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(m(x), y)
+        loss.backward()
+        return loss
+    for _ in range(3):
+        opt.step(closure)
+    snap = Snapshot(opt, m, mode="host")
+    snap.capture(3)
+    state = opt.state[next(iter(opt.state))]
+    before = {k: ([t.clone() for t in v] if isinstance(v, list) else
+                  v.clone() if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
+    saved = snap._others[0]
+    assert saved["old_dirs"] and all(t.device.type == "cpu" for t in saved["old_dirs"])
+    assert saved["old_dirs"][0].data_ptr() != state["old_dirs"][0].data_ptr()   # a copy
+    opt.step(closure)
+    snap.restore()
+    after = opt.state[next(iter(opt.state))]
+    for k, v in before.items():
+        if isinstance(v, list):
+            assert len(after[k]) == len(v) and all(torch.equal(a, b) for a, b in zip(after[k], v)), k
+        elif isinstance(v, torch.Tensor):
+            assert torch.equal(after[k], v) and after[k].device == v.device, k
+        else:
+            assert after[k] == v, k
