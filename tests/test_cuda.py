@@ -350,3 +350,151 @@ def test_staging_memory_is_bounded_and_transfers_are_one_per_round(monkeypatch):
                     for i in s.rest if ts[i].is_cuda)
     rounds = sum(len(r) for s in stages for r in s.rounds.values())
     assert calls["d2h"] == rounds + cuda_rest < sum(t.is_cuda for t in live)
+
+
+# -- drop-in on CUDA: the guarded run equals the bare one ------------------------------------
+def _pair_on_cuda(make_inner, probe=True, steps=8, scaler=False, compile_model=False, dropout=0.0):
+    """Train a bare and a guarded copy of one model on CUDA; return both final states."""
+    finals = []
+    for guarded in (False, True):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(dropout), nn.Linear(32, 4)).cuda()
+        run = torch.compile(m, mode="reduce-overhead") if compile_model else m
+        g = torch.Generator(device="cuda").manual_seed(1)
+        xs = torch.randn(steps, 8, 16, device="cuda", generator=g)
+        ys = torch.randint(0, 4, (steps, 8), device="cuda", generator=g)
+        xp, yp = xs[0], ys[0]
+        opt = make_inner(m.parameters())
+        if guarded:
+            opt = GuardedOptimizer(opt, (lambda: F.cross_entropy(m(xp), yp)) if probe else None)
+        amp = torch.amp.GradScaler("cuda") if scaler else None
+        torch.manual_seed(2)                     # the dropout masks: the same stream in both
+        for x, y in zip(xs, ys):
+            opt.zero_grad()
+            with torch.autocast("cuda", dtype=torch.float16, enabled=scaler):
+                loss = F.cross_entropy(run(x), y)
+            if amp is not None:
+                amp.scale(loss).backward()
+                amp.step(opt)
+                amp.update()
+            else:
+                loss.backward()
+                opt.step()
+        if guarded:
+            assert opt.stats["rollbacks"] == 0 and opt.stats["skipped"] == opt.stats.get(
+                "skipped_amp_overflow", 0)
+        finals.append([p.detach().clone() for p in m.parameters()])
+    for a, b in zip(*finals):
+        assert torch.equal(a, b)
+
+
+def test_gradscaler_with_fused_adamw_matches_bare():
+    _pair_on_cuda(lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True), scaler=True)
+
+
+def test_capturable_adam_matches_bare():
+    _pair_on_cuda(lambda ps: torch.optim.Adam(ps, lr=1e-3, capturable=True))
+
+
+def test_dropout_without_module_matches_bare_on_cuda():
+    """The probe runs on a copy of the RNG streams (CUDA generator included)."""
+    _pair_on_cuda(lambda ps: torch.optim.AdamW(ps, lr=1e-3), dropout=0.3)
+
+
+def test_compiled_model_reduce_overhead_with_a_probe_matches_bare():
+    _pair_on_cuda(lambda ps: torch.optim.AdamW(ps, lr=1e-3), compile_model=True)
+
+
+def test_capturable_adam_rollback_is_exact():
+    torch.manual_seed(0)
+    m = nn.Linear(16, 4).cuda()
+    x, y = torch.randn(8, 16, device="cuda"), torch.randn(8, 4, device="cuda")
+    scale = {"k": 1.0}
+    opt = GuardedOptimizer(torch.optim.Adam(m.parameters(), lr=1e-3, capturable=True),
+                           lambda: F.mse_loss(m(x), y) * scale["k"], module=m)
+    for _ in range(3):
+        opt.zero_grad()
+        F.mse_loss(m(x), y).backward()
+        opt.step()
+    before = [p.detach().clone() for p in m.parameters()]
+    state = {k: v.clone() for k, v in opt.state[m.weight].items()}
+    scale["k"] = 1e6
+    opt.zero_grad()
+    F.mse_loss(m(x), y).backward()
+    opt.step()
+    assert opt.last_decision == "rollback"
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+    assert all(torch.equal(v, opt.state[m.weight][k]) for k, v in state.items())
+
+
+# -- NCCL: two GPUs, one process each ---------------------------------------------------------
+def _nccl_model(rank, set_device):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    if set_device:
+        torch.cuda.set_device(rank)
+    device = torch.device("cuda", rank)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1)).to(device)
+    ddp = DDP(model, device_ids=[rank])
+    g = torch.Generator().manual_seed(rank)
+    xs, ys = torch.randn(6, 4, 8, generator=g).to(device), torch.randn(6, 4, 1, generator=g).to(device)
+    return model, ddp, xs, ys
+
+
+def _nccl_exact(rank, outdir, set_device=True):
+    """A LR x1e5 proposal on every rank is rolled back on both, to the same state."""
+    model, ddp, xs, ys = _nccl_model(rank, set_device)
+    opt = GuardedOptimizer(torch.optim.AdamW(ddp.parameters(), lr=1e-2),
+                           lambda: F.mse_loss(model(xs[0]), ys[0]), module=model)
+    decisions = []
+    for t, (x, y) in enumerate(zip(xs, ys)):
+        for g in opt.param_groups:
+            g["lr"] = 1e3 if t == 3 else 1e-2
+        opt.zero_grad()
+        F.mse_loss(ddp(x), y).backward()
+        opt.step()
+        decisions.append(opt.last_decision)
+    return {"decisions": decisions, "params": [p.detach().cpu() for p in model.parameters()]}
+
+
+def _nccl_exact_no_set_device(rank, outdir):
+    return _nccl_exact(rank, outdir, set_device=False)
+
+
+def _nccl_probe_error(rank, outdir):
+    model, ddp, xs, ys = _nccl_model(rank, True)
+    calls = {"n": 0}
+
+    def probe():
+        calls["n"] += 1
+        if rank == 1 and calls["n"] > 2:
+            raise RuntimeError("probe failed on rank 1")
+        return F.mse_loss(model(xs[0]), ys[0])
+    opt = GuardedOptimizer(torch.optim.AdamW(ddp.parameters(), lr=1e-2), probe, module=model)
+    raised = None
+    for x, y in zip(xs, ys):
+        opt.zero_grad()
+        F.mse_loss(ddp(x), y).backward()
+        try:
+            opt.step()
+        except Exception as exc:   # every rank raises (none hangs in a collective)
+            raised = type(exc).__name__
+            break
+    return {"raised": raised}
+
+
+SCENARIOS = {"exact": _nccl_exact, "exact_no_set_device": _nccl_exact_no_set_device,
+             "probe_error": _nccl_probe_error}
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2 or not torch.distributed.is_nccl_available(),
+                    reason="needs two CUDA devices and NCCL")
+def test_nccl_ddp_decisions_state_and_probe_errors_agree_across_ranks(tmp_path):
+    from test_distributed import _get, spawn
+    results = spawn(tmp_path, list(SCENARIOS), world=2, backend="nccl", module="test_cuda")
+    ranks = (tmp_path, results)
+    for name in ("exact", "exact_no_set_device"):
+        a, b = _get(ranks, name)
+        assert a["decisions"] == b["decisions"] and a["decisions"][3] == "rollback", name
+        assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"])), name
+    assert [r["raised"] for r in _get(ranks, "probe_error")] == ["ProbeError"] * 2
