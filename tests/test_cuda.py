@@ -483,18 +483,64 @@ def _nccl_probe_error(rank, outdir):
     return {"raised": raised}
 
 
+def _fsdp2_cpu_offload(rank, outdir):
+    """FSDP2 with CPU offload (parameters and state on the CPU, compute on the GPU), under
+    ``init_process_group("cpu:gloo,cuda:nccl")``: the flags reduce over gloo on the CPU; an
+    LR x1e5 proposal is rolled back on both ranks, each to its own shard exactly."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+    torch.cuda.set_device(rank)
+    mesh = init_device_mesh("cuda", (2,))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1)).cuda()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh, offload_policy=CPUOffloadPolicy())
+    fully_shard(model, mesh=mesh, offload_policy=CPUOffloadPolicy())
+    g = torch.Generator().manual_seed(rank)
+    xs, ys = torch.randn(6, 4, 8, generator=g).cuda(), torch.randn(6, 4, 1, generator=g).cuda()
+    opt = GuardedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2),
+                           lambda: F.mse_loss(model(xs[0]), ys[0]), module=model)
+    params = [p for grp in opt.param_groups for p in grp["params"]]
+    decisions, before, after = [], None, None
+    for t, (x, y) in enumerate(zip(xs, ys)):
+        for grp in opt.param_groups:
+            grp["lr"] = 1e3 if t == 3 else 1e-2
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        if t == 3:
+            before = [p.to_local().detach().clone() for p in params]
+        opt.step()
+        if t == 3:
+            after = [p.to_local().detach().clone() for p in params]
+        decisions.append(opt.last_decision)
+    return {"decisions": decisions, "exact": all(torch.equal(a, b) for a, b in zip(before, after)),
+            "device": str(params[0].to_local().device)}
+
+
+NCCL_SCENARIOS = ["exact", "exact_no_set_device", "probe_error"]   # each spawn runs a subset
 SCENARIOS = {"exact": _nccl_exact, "exact_no_set_device": _nccl_exact_no_set_device,
-             "probe_error": _nccl_probe_error}
+             "probe_error": _nccl_probe_error, "fsdp2_cpu_offload": _fsdp2_cpu_offload}
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2 or not torch.distributed.is_nccl_available(),
                     reason="needs two CUDA devices and NCCL")
 def test_nccl_ddp_decisions_state_and_probe_errors_agree_across_ranks(tmp_path):
     from test_distributed import _get, spawn
-    results = spawn(tmp_path, list(SCENARIOS), world=2, backend="nccl", module="test_cuda")
+    results = spawn(tmp_path, NCCL_SCENARIOS, world=2, backend="nccl", module="test_cuda")
     ranks = (tmp_path, results)
     for name in ("exact", "exact_no_set_device"):
         a, b = _get(ranks, name)
         assert a["decisions"] == b["decisions"] and a["decisions"][3] == "rollback", name
         assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"])), name
     assert [r["raised"] for r in _get(ranks, "probe_error")] == ["ProbeError"] * 2
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2 or not torch.distributed.is_nccl_available(),
+                    reason="needs two CUDA devices and NCCL")
+def test_fsdp2_cpu_offload_rolls_back_each_shard_over_a_gloo_and_nccl_group(tmp_path):
+    from test_distributed import _get, spawn
+    results = spawn(tmp_path, ["fsdp2_cpu_offload"], world=2, backend="cpu:gloo,cuda:nccl",
+                    module="test_cuda")
+    for r in _get((tmp_path, results), "fsdp2_cpu_offload"):
+        assert r["decisions"][3] == "rollback" and r["exact"] and r["device"] == "cpu"
