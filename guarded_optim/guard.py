@@ -460,7 +460,7 @@ class GuardedOptimizer(Optimizer):
             "steps": 0, "accepted": 0, "rollbacks": 0, "skipped": 0, "measured": 0,
             "escalations": 0, "rebaselines": 0, "escapes": 0, "skipped_amp_overflow": 0,
             "reruns": 0, "transient": 0, "persistent": 0, "quarantined": 0,
-            "skipped_quarantined": 0, "stops": 0, "overruled": 0,
+            "skipped_quarantined": 0, "stops": 0, "overruled": 0, "batch_loss_spikes": 0,
             **{f"skipped_{s.name}": 0 for s in self.signals if s.verdict is Verdict.SKIP},
             **{f"failures_{s.name}": 0 for s in self.signals if s.verdict is Verdict.FAILURE},
         }
@@ -614,6 +614,8 @@ class GuardedOptimizer(Optimizer):
         if self._unverified and not checked and any(flags.fired):   # a warning: verify now
             checked = post
             flags.state_fired = self._read_flags(m, [], checked, None, group).state_fired
+        if self._batch_explains(pre, flags.fired):   # theta_t is verified: the batch is new
+            flags.fired = [f and s.verdict is not Verdict.FAILURE for s, f in zip(pre, flags.fired)]
         fired, state_fired = flags.fired, flags.state_fired
         event = StepEvent(t, Decision.SKIP.value, grad_norm=flags.grad_norm, batch_id=batch_id,
                           signals={s.name: f for s, f in zip(pre + checked, fired + state_fired)})
@@ -643,6 +645,7 @@ class GuardedOptimizer(Optimizer):
         if overruled:             # the probe decides this flagged step (.ladder, rung 1)
             self.stats["overruled"] += 1
             event.action, self._skips_in_row = "overrule", 0
+            m.flagged = True
 
         # 2. propose
         self._safe.wait()
@@ -695,14 +698,18 @@ class GuardedOptimizer(Optimizer):
         device = m.grad_norm.device
         parts = [s.measure(m).to(device, torch.float32).reshape(1) for s in pre + checked]
         parts.append(m.grad_norm.detach().float().reshape(1))
+        loss = m.loss.detach().float().mean() if m.loss is not None else None
+        parts.append((loss if loss is not None else torch.zeros((), device=device)).to(
+            device).reshape(1))
         parts.append((overflow if overflow is not None else torch.zeros((), device=device)).to(
             device, torch.float32).reshape(1))   # made on the device: no upload, no sync
-        values = agree(pack(parts), [len(parts) - 2], group, self._accelerator()).tolist()
-        n = len(pre)
-        m.grad_norm_value = values[-2]
+        n, k = len(pre), len(parts) - 3
+        values = agree(pack(parts), [k, k + 1], group, self._accelerator()).tolist()
+        m.grad_norm_value = values[k]
+        m.loss_value = values[k + 1] if loss is not None else None
         return _Flags(fired=[bool(v) for v in values[:n]],
-                      state_fired=[bool(v) for v in values[n:-2]],
-                      grad_norm=values[-2], overflow=bool(values[-1]))
+                      state_fired=[bool(v) for v in values[n:k]],
+                      grad_norm=values[k], overflow=bool(values[-1]))
 
     def _measure_proposal(self, m: StepMeasurement, group: Any, device: torch.device,
                           event: StepEvent) -> tuple:
@@ -800,6 +807,23 @@ class GuardedOptimizer(Optimizer):
                 and self._unverified + 1 >= self.probe_every
                 and self._skips_in_row >= self.ladder.overrule
                 and all(getattr(s, "overrulable", False) for s, f in zip(pre, fired) if f))
+
+    def _batch_explains(self, pre: list, fired: list[bool]) -> bool:
+        """Whether a pre-step FAILURE (a training-loss spike) fired on a live state that is
+        the verified one, nothing written since: no unverified change to blame, so the
+        batch is what differs (fresh data after a memorised shard) and the step goes on as
+        an ordinary one. Rolling it back would only skip the batch, and every batch after
+        it (the natural suite's ``adam_v_decay``: 20 rollbacks, then a re-base). Counted in
+        ``stats["batch_loss_spikes"]``; host-side version counters only, no sync."""
+        if not any(f and s.verdict is Verdict.FAILURE for s, f in zip(pre, fired)):
+            return False
+        if not (self._live_is_safe and self._uses_snapshots
+                and not self._safe.written_since_capture()):
+            return False
+        self.stats["batch_loss_spikes"] += 1
+        self._log("batch", logging.DEBUG, "step %d: training-loss spike on the verified state: "
+                  "the batch differs, nothing to roll back", self._t)
+        return True
 
     def _healthy(self) -> None:
         self._in_row = 0

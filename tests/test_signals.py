@@ -229,3 +229,110 @@ def test_default_signals_leave_loss_spike_to_the_probe():
     bare = GuardedOptimizer(torch.optim.AdamW(m.parameters()), module=m)
     assert "loss_spike" not in {s.name for s in probed.signals}
     assert {s.name for s in bare.signals} == {s.name for s in probed.signals} | {"loss_spike"}
+
+
+# -- a change of the data is not a fault (the natural suite's adam_v_decay) -----------------
+
+class _ScaleLoss:
+    """A batch whose loss, and so its gradient, is ``factor`` x the usual: what fresh data
+    after a memorised shard looks like to the signals (not a fault: both move together)."""
+
+    def __init__(self, start, length, factor):
+        self.start, self.length, self.factor = start, length, factor
+
+    def loss(self, t, loss):
+        return loss * self.factor if self.start <= t < self.start + self.length else loss
+
+    def before_step(self, t, opt):
+        pass
+
+    def after_step(self, t, opt):
+        pass
+
+
+@pytest.mark.parametrize("loss_explains", [True, False])
+def test_gradient_spike_that_the_loss_explains_is_not_skipped(loss_explains):
+    """A x300 gradient with the loss unchanged is a fault (skipped); the same x300 gradient
+    with a x300 training loss is a harder batch, judged as an ordinary step."""
+    m, opt = guarded(signals=[NonFinite(), GradientSpike(loss_explains=loss_explains)])
+    _, batches = tiny.data(steps=40)
+    run(m, opt, batches[:30])
+    assert run(m, opt, batches[30:31], FaultSchedule([make_fault("grad_x300", 30, 1)]),
+               start=30) == [("skip", "grad_spike")]
+    d = run(m, opt, batches[31:32], FaultSchedule([_ScaleLoss(31, 1, 300.0)]), start=31)
+    assert d == ([("accept", None)] if loss_explains else [("skip", "grad_spike")])
+
+
+def test_gradient_spike_keeps_the_losses_it_learnt_across_a_checkpoint(tmp_path):
+    sig = GradientSpike()
+    m, opt = guarded(signals=[sig])
+    _, batches = tiny.data(steps=25)
+    run(m, opt, batches)
+    state = sig.state_dict()
+    assert len(state["losses"]) == 1 and len(state["losses"][0]) == sig.window
+    torch.save(state, tmp_path / "s.pt")
+    back = GradientSpike()
+    back.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
+    assert back.state_dict()["losses"] == state["losses"]
+    old = {k: v for k, v in state.items() if k != "losses"}     # an earlier release's layout
+    back.load_state_dict(old)
+    assert back.state_dict()["losses"] == [[]]                   # no losses known: no relief
+    with pytest.raises(ValueError, match="'losses'"):
+        back.load_state_dict({**state, "losses": [[float("nan")]]})
+
+
+def _adam_after_quiet_stretch():
+    """Adam after 300 steps of 1e-6 gradients: its moments have decayed toward zero."""
+    p = torch.nn.Parameter(torch.zeros(100))
+    opt = torch.optim.Adam([p], lr=1e-2)
+    for _ in range(300):
+        p.grad = torch.full_like(p, 1e-6)
+        opt.step()
+    return p, opt
+
+
+@pytest.mark.parametrize("flagged", [False, True])
+def test_optimizer_state_jump_that_the_gradient_explains_is_not_a_fault(flagged):
+    """A normal gradient after a quiet stretch lifts Adam's moments 1e4x in one step by
+    Adam's own rule: not a fault, unless a pre-step signal flagged that gradient and it
+    was proposed anyway (an overrule), which then explains nothing."""
+    from guarded_optim.signals import StepMeasurement
+    from guarded_optim.signals.gradients import global_norm
+    p, opt = _adam_after_quiet_stretch()
+    sig = OptimizerStateHealth()
+
+    def check(t, flagged=False):
+        m = StepMeasurement(t, global_norm([p.grad]), None, opt, flagged=flagged)
+        fired = bool(sig.measure(m))
+        sig.observe(m, True, fired)
+        return fired, float(sig._norm.square().sum().sqrt())
+
+    for t in range(20):
+        p.grad = torch.full_like(p, 1e-6)
+        opt.step()
+        assert not check(t)[0]
+    _, quiet = check(20)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    fired, loud = check(21, flagged)
+    assert loud > 1e3 * quiet            # measured: the state norm rises about 1e5x
+    assert fired == flagged
+
+
+def test_loss_spike_on_the_verified_state_is_the_batch_not_damage():
+    """Probe-less: a training-loss spike blames the proposals made since the last
+    verification. On the verified state itself there is nothing to blame: the batch differs,
+    the step goes on (counted in ``batch_loss_spikes``). On unverified proposals it rolls back."""
+    m, opt = guarded(signals=[NonFinite(), GradientSpike(), LossSpike()], probe_every=10)
+    _, batches = tiny.data(steps=45)
+    run(m, opt, batches[:30])                 # verified right after step 29's proposal
+    assert opt._live_is_safe
+    d = run(m, opt, batches[30:31], FaultSchedule([_ScaleLoss(30, 1, 300.0)]), start=30)
+    assert d == [("accept", None)] and opt.stats["batch_loss_spikes"] == 1
+    assert opt.stats["rollbacks"] == 0
+    run(m, opt, batches[31:35], start=31)     # four unverified proposals
+    assert not opt._live_is_safe
+    with torch.no_grad():
+        m[4].weight.mul_(1e3)                 # damage: the loss spikes on every batch
+    d = run(m, opt, batches[35:36], start=35)
+    assert d == [("rollback", "loss_spike")] and opt.stats["batch_loss_spikes"] == 1

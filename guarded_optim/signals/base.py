@@ -46,6 +46,12 @@ class StepMeasurement:
     #: ``grad_norm`` on the host, once the step's flags were read (what ``observe`` reads;
     #: ``None`` before, or outside a guard: a signal then reads ``grad_norm`` itself)
     grad_norm_value: float | None = None
+    #: the training loss (mean over its elements and the ranks) on the host, read in the
+    #: same transfer; ``None`` without a loss, before the read, or outside a guard
+    loss_value: float | None = None
+    #: a pre-step signal fired on this gradient and the step was proposed anyway (the
+    #: ladder's overrule): its size then explains nothing (see ``OptimizerStateHealth``)
+    flagged: bool = False
 
     _param_norm: torch.Tensor | None = None
 
@@ -64,7 +70,7 @@ class StepMeasurement:
     def after_proposal(self) -> "StepMeasurement":
         """The same step, measured again on the proposed parameters."""
         return StepMeasurement(self.step, self.grad_norm, self.loss, self.optimizer,
-                               self.grad_norm_value)
+                               self.grad_norm_value, self.loss_value, self.flagged)
 
 
 class Signal(Protocol):

@@ -227,17 +227,33 @@ class _Peak:
     ``count`` (applied steps seen), ``consecutive`` (firings in a row), ``used`` (last use,
     for the least-recently-used eviction)."""
 
-    __slots__ = ("values", "above", "count", "consecutive", "used")
+    __slots__ = ("values", "losses", "above", "count", "consecutive", "used")
 
     def __init__(self, window: int, count: int = 0, consecutive: int = 0, used: int = 0,
-                 values: Sequence[float] = (), above: bool = False):
+                 values: Sequence[float] = (), above: bool = False, losses: Sequence[float] = ()):
         self.values: collections.deque[float] = collections.deque(values, maxlen=window)
+        # the training losses of the same applied steps (finite ones; steps with a loss)
+        self.losses: collections.deque[float] = collections.deque(losses, maxlen=window)
         self.above = above
         self.count, self.consecutive, self.used = count, consecutive, used
 
-    def fill(self, value: float) -> None:
+    def fill(self, value: float, loss: float | None = None) -> None:
         self.values.extend([value] * self.values.maxlen)
+        if loss is not None and math.isfinite(loss):
+            self.losses.extend([loss] * self.losses.maxlen)
         self.above = False
+
+    def loss_rise(self, loss: torch.Tensor) -> torch.Tensor | None:
+        """How far ``loss`` (0-d, on the device) lies above the recent applied losses, as a
+        factor >= 1: ``1 + (loss - max) / max|.|`` (``loss / max`` for positive losses);
+        ``None`` without recent losses. Device arithmetic against host numbers: no sync."""
+        if not self.losses:
+            return None
+        top, scale = max(self.losses), max(abs(v) for v in self.losses)
+        if not scale > 0:
+            return None
+        rise = torch.nan_to_num(1.0 + (loss.double() - top) / scale, nan=1.0, posinf=1.0)
+        return rise.clamp_min(1.0)
 
     # the ring as tensors, oldest first (the state_dict layout; what tests read)
     @property
@@ -292,6 +308,16 @@ class GradientSpike:
       newly added parameters each get their own reference, warmed up on their own steps,
       so one sub-network's norm is never judged by another's. At most ``max_keys``
       signatures are kept (least recently used evicted).
+
+    * *A rise the loss explains is not a fault.* When the step has a training loss
+      (``step(closure)``), the limit is multiplied by how far that loss lies above the
+      losses of the same applied steps (``1 + (loss - max) / max|loss|``, at least 1; the
+      loss rides in the step's one transfer). Fresh data after a memorised shard lifts the
+      gradient norm and the loss together (the natural suite's ``adam_v_decay``: 0.1.0
+      skipped 20 such steps, then re-based); a fault that scales gradients (x300, a bad
+      all-reduce) leaves the loss where it was and is judged as before. A loss scaled by a
+      bug scales both and is let through. Without a closure there is no loss and the limit
+      is the plain one; ``loss_explains=False`` keeps it plain always.
 
     A skipped step never enters the reference; non-finite norms are :class:`NonFinite`'s
     concern. With ``learn_factor`` below ``factor`` (default: equal, off), an applied step
@@ -350,13 +376,13 @@ class GradientSpike:
 
     def __init__(self, factor: float = 10.0, window: int = 20, warmup: int = 10,
                  patience: int | None = 20, low_factor: float | None = None, max_keys: int = 8,
-                 learn_factor: float | None = None):
+                 learn_factor: float | None = None, loss_explains: bool = True):
         if not (math.isfinite(factor) and factor > 1):
             raise ValueError(f"Invalid factor: {factor!r}; it must be a finite number > 1.")
         learn_factor = factor if learn_factor is None else learn_factor
         if not (math.isfinite(learn_factor) and 1 < learn_factor <= factor):
             raise ValueError(f"Invalid learn_factor: {learn_factor!r}; it must lie in (1, factor].")
-        self.learn_factor = learn_factor
+        self.learn_factor, self.loss_explains = learn_factor, bool(loss_explains)
         self._log_learn = math.log(learn_factor)
         if low_factor is not None and not (math.isfinite(low_factor) and low_factor > 1):
             raise ValueError(f"Invalid low_factor: {low_factor!r}; use a number > 1, or None.")
@@ -407,8 +433,10 @@ class GradientSpike:
         peak = max(ref.values)
         if self.learn_factor < self.factor:
             self._ceiling = peak + self._log_learn
-        norm = m.grad_norm.detach()
-        fired = norm > math.exp(peak + self._log_factor)
+        norm, limit = m.grad_norm.detach(), math.exp(peak + self._log_factor)
+        rise = ref.loss_rise(m.loss.detach().float().mean().to(device)) \
+            if self.loss_explains and m.loss is not None else None
+        fired = norm > (limit if rise is None else limit * rise)
         if self._log_low is not None:
             fired = fired | ((norm < math.exp(min(ref.values) - self._log_low)) & (norm > 0))
         return fired & torch.isfinite(norm)
@@ -433,6 +461,8 @@ class GradientSpike:
             above = valid and value > ceiling   # learn_factor: learnt only after a second one
             if valid and (not above or ref.above):
                 ref.values.append(value)
+                if m.loss_value is not None and math.isfinite(m.loss_value):
+                    ref.losses.append(m.loss_value)
             ref.above = above
             ref.count += 1
             ref.consecutive = 0
@@ -440,7 +470,7 @@ class GradientSpike:
             ref.consecutive += 1
             ref.above = False            # learn_factor: a skip in between breaks the run
             if self.patience is not None and ref.consecutive >= self.patience:
-                ref.fill(value)
+                ref.fill(value, m.loss_value)
                 ref.count, ref.consecutive = max(ref.count, self.window), 0
                 self.rebaselines += 1
 
@@ -466,6 +496,7 @@ class GradientSpike:
             "counts": [r.count for _, r in refs],
             "consecutive": [r.consecutive for _, r in refs],
             "used": [r.used for _, r in refs],
+            "losses": [list(r.losses) for _, r in refs],
             "rebaselines": self.rebaselines, "current": self.current, "tick": self._tick,
         }
 
@@ -492,17 +523,23 @@ class GradientSpike:
         positions = state["positions"].detach().to(torch.int64).tolist()
         counts, consecutive, used = state["counts"], state["consecutive"], state["used"]
         above = state["above"].detach().tolist() if "above" in state else [False] * len(keys)
+        losses = state.get("losses", [[] for _ in keys])   # absent before 0.2: none known
         if not (len(keys) == len(buffers) == len(filled) == len(positions) == len(counts)
-                == len(consecutive) == len(used) == len(above)) or buffers.dim() != 2 \
-                or buffers.shape != filled.shape:
-            raise ValueError("GradientSpike state: keys, buffers, filled, counts, consecutive "
-                             "and used must describe the same references.")
+                == len(consecutive) == len(used) == len(above) == len(losses)) \
+                or buffers.dim() != 2 or buffers.shape != filled.shape:
+            raise ValueError("GradientSpike state: keys, buffers, filled, counts, consecutive, "
+                             "used and losses must describe the same references.")
+        if not all(isinstance(row, (list, tuple)) and all(
+                isinstance(v, float) and math.isfinite(v) for v in row) for row in losses):
+            raise ValueError("GradientSpike state 'losses' must hold one list of finite floats "
+                             "per reference; the checkpoint is corrupt.")
         refs, legacy = {}, None
         for i, key in enumerate(keys):
             buf = self._finite(buffers[i], f"buffers[{i}]")
             peak = _Peak.from_ring(buf, filled[i], int(positions[i]) % max(len(buf), 1),
                                    self.window, int(counts[i]), int(consecutive[i]),
                                    int(used[i]), bool(above[i]))
+            peak.losses.extend(losses[i][-self.window:])
             if key == "":
                 legacy = peak
             else:

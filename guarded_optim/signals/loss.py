@@ -46,6 +46,12 @@ class LossSpike:
     ``factor - 1`` times the largest magnitude among them -- for positive losses, when it
     exceeds ``factor`` x the window maximum (non-finite values never enter the window).
 
+    The guard acts on it only where there is something to blame: on a live state that is
+    the verified one, nothing written since, the spike says the *batch* differs (fresh
+    data, a harder shard), and the step goes on as an ordinary one (the guard's
+    ``stats["batch_loss_spikes"]``); rolling back would only skip that batch and every one
+    after it.
+
     Why the window maximum and not the median: near convergence the loss sits at its noise
     floor, where the median is tiny. On 20 clean seeded runs of a small regression model the
     loss reached 7.7x its running median, but never more than 1.53x the window maximum (the
