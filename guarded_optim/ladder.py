@@ -7,9 +7,9 @@ Rungs, in order (each an event, a ``stats`` counter and a log record):
    signals that judge scale rather than validity (``overrulable``: :class:`GradientSpike`;
    never :class:`NonFinite`), the next flagged step is proposed and the probe decides
    (``stats["overruled"]``, ``action="overrule"``). Accepted, the signals learn it as an
-   ordinary step (the gradients moved to a new level: fresh data after a memorised shard
-   was skipped for 20 steps and ended 1.44x the reference against bare's 1.11x, 1.13x with
-   the overrule); rejected, it is rolled back and the streak starts again. The price: an
+   ordinary step (the gradients moved to a new level; with a closure the training loss
+   tells most such moves apart already, see :class:`GradientSpike`, and without one this
+   rung is what lets a new level in before the signal's patience runs out); rejected, it is rolled back and the streak starts again. The price: an
    x300 gradient window can be let through (see :class:`Ladder`).
 2. **re-run in place** (:class:`ReRun`) -- a measured proposal is rejected, the user passed
    a closure, and the proposal is the only unverified step (a probe with ``probe_every=1``,
@@ -40,9 +40,11 @@ Rungs, in order (each an event, a ``stats`` counter and a log record):
    ``on_exhausted="rebaseline"``: then the reference is re-based on the new level
    (``stats["rebaselines"]``), the 0.1.0 behaviour. Rejections by the step's own signals
    alone (no probe measurement: a training-loss spike, a weight-norm jump) re-base those
-   signals instead of stopping: without a probe nothing tells damage from a change of the
-   data, and halting on a heuristic measured worse than bare (the natural suite: Adam's
-   second-moment decay 5.5x against bare's 1.07x, a mislabelled shard 1.90x against 1.84x).
+   signals instead of stopping: without a probe nothing but the signals' own heuristics
+   tells damage from a change of the data, and halting on them measured worse than bare
+   (0.1.0 on the natural suite: Adam's second-moment decay 5.5x against bare's 1.07x, a
+   mislabelled shard 1.90x against 1.84x). A training-loss spike on the verified state
+   itself is not even a rejection: the batch is what differs (``batch_loss_spikes``).
 """
 
 from __future__ import annotations
