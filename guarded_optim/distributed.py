@@ -32,7 +32,7 @@ its own shards under FSDP2), and a rollback restores them on every rank at the s
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -94,13 +94,14 @@ def full_value(t: torch.Tensor) -> torch.Tensor:
 
 
 def agree(values: torch.Tensor, means: Sequence[int], group: Any,
-          device: torch.device | None = None) -> torch.Tensor:
+          device: torch.device | Callable[[], torch.device | None] | None = None) -> torch.Tensor:
     """``values`` summed over the ranks of ``group``, ``means`` entries averaged.
 
     ``values`` packs one host transfer: flags (0/1; after the sum, ``> 0`` iff any rank
     fired) and measurements at the indices ``means`` (after the sum, divided by the world
     size). One ``all_reduce``, on the device the group's backend can reduce on
-    (:func:`collective_device`; ``device`` is the parameters' accelerator, if any); no host
+    (:func:`collective_device`; ``device`` is the parameters' accelerator, if any, or a
+    function returning it, called only when there is more than one rank); no host
     sync of its own (the caller reads the result). With ``group=None`` or one rank,
     ``values`` is returned untouched, so a single process behaves bit for bit as without
     this module.
@@ -108,6 +109,8 @@ def agree(values: torch.Tensor, means: Sequence[int], group: Any,
     n = world_size(group)
     if n == 1:
         return values
+    if callable(device):        # found only when a collective needs it (a scan of the params)
+        device = device()
     where = collective_device(str(_dist().get_backend(group)), values.device, device)
     buf = values if where == values.device else values.to(where)
     _dist().all_reduce(buf, op=_dist().ReduceOp.SUM, group=group)
@@ -123,7 +126,8 @@ def agree_mean(y: float, group: Any, device: torch.device | None = None) -> floa
 
 
 def agree_host(values: Sequence[float], means: Sequence[int], group: Any,
-               device: torch.device | None = None) -> list[float]:
+               device: torch.device | Callable[[], torch.device | None] | None = None
+               ) -> list[float]:
     """:func:`agree` for host numbers (flags and measurements read outside a step's transfer,
     or rank-local decisions that gate a collective): the values themselves without a group."""
     if world_size(group) == 1:

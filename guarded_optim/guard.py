@@ -53,6 +53,7 @@ from .ladder import GuardStopped, Ladder, _plain_id
 from .logs import RateLimitedLog
 from .policy import Decision, RecoveryAction
 from .signals import StepMeasurement, Verdict, default_signals, global_grad_norm
+from .signals.base import host_judge
 from .signals.probe import ProbeError, call_probe, check_initial, probe_value
 from .snapshot import MODES, Snapshot, SnapshotRing
 
@@ -154,13 +155,6 @@ def _batch_id(x: Any) -> Any:
         raise TypeError(f"batch_id must be an int, a str or a tuple of them, got "
                         f"{type(x).__name__}; e.g. step(closure, batch_id=batch_index).")
     return x
-
-
-def _as_float(x: Any) -> float:
-    """A loss as a host float (nan when there is none)."""
-    if isinstance(x, torch.Tensor):
-        return float(x.detach().float().mean())
-    return float(x) if isinstance(x, (int, float)) else math.nan
 
 
 def _remote_probe_error() -> ProbeError:
@@ -412,7 +406,7 @@ class GuardedOptimizer(Optimizer):
         group = resolve_group(self.process_group)
         if world_size(group) == 1:
             return flag
-        return agree_host([float(flag)], [], group, self._accelerator())[0] > 0
+        return agree_host([float(flag)], [], group, self._accelerator)[0] > 0
 
     def _on_meta(self) -> bool:
         """Meta parameters hold no values: the guard then steps exactly as the bare optimizer."""
@@ -695,20 +689,23 @@ class GuardedOptimizer(Optimizer):
                     overflow: torch.Tensor | None, group: Any) -> "_Flags":
         """The pre-step flags, the live state's post-step flags, the gradient norm and
         GradScaler's overflow: packed, agreed over the ranks, read in one transfer."""
-        device = m.grad_norm.device
-        parts = [s.measure(m).to(device, torch.float32).reshape(1) for s in pre + checked]
-        parts.append(m.grad_norm.detach().float().reshape(1))
-        loss = m.loss.detach().float().mean() if m.loss is not None else None
-        parts.append((loss if loss is not None else torch.zeros((), device=device)).to(
-            device).reshape(1))
-        parts.append((overflow if overflow is not None else torch.zeros((), device=device)).to(
-            device, torch.float32).reshape(1))   # made on the device: no upload, no sync
-        n, k = len(pre), len(parts) - 3
-        values = agree(pack(parts), [k, k + 1], group, self._accelerator()).tolist()
+        device, dtype = m.grad_norm.device, m.grad_norm.dtype   # float64 (float32 on MPS)
+        signals = pre + checked
+        on_host = [host_judge(s) for s in signals]   # judged from the values read
+        parts = [s.measure(m).to(device, dtype).reshape(1)
+                 for s, judge in zip(signals, on_host) if judge is None]
+        k = len(parts)
+        loss = m.loss.detach().to(dtype).mean() if m.loss is not None and m.loss.numel() else None
+        parts += [m.grad_norm.detach().reshape(1),
+                  (loss if loss is not None else m.grad_norm.new_zeros(())).to(device, dtype).reshape(1),
+                  (overflow if overflow is not None else m.grad_norm.new_zeros(())).to(
+                      device, dtype).reshape(1)]   # made on the device: no upload, no sync
+        values = agree(pack(parts), [k, k + 1], group, self._accelerator).tolist()
         m.grad_norm_value = values[k]
         m.loss_value = values[k + 1] if loss is not None else None
-        return _Flags(fired=[bool(v) for v in values[:n]],
-                      state_fired=[bool(v) for v in values[n:k]],
+        measured = iter(values[:k])
+        fired = [judge(m) if judge is not None else bool(next(measured)) for judge in on_host]
+        return _Flags(fired=fired[:len(pre)], state_fired=fired[len(pre):],
                       grad_norm=values[k], overflow=bool(values[-1]))
 
     def _measure_proposal(self, m: StepMeasurement, group: Any, device: torch.device,
@@ -722,7 +719,7 @@ class GuardedOptimizer(Optimizer):
         parts = [torch.as_tensor(raw).detach().to(device, torch.float64).reshape(1)]
         parts += [f.to(device, torch.float64).reshape(1) for f in post_flags]
         parts.append(torch.full((1,), float(error is not None), dtype=torch.float64, device=device))
-        values = agree(pack(parts), [0], group, self._accelerator()).tolist()  # probe mean, flags any-rank
+        values = agree(pack(parts), [0], group, self._accelerator).tolist()  # probe mean, flags any-rank
         if values.pop():   # the probe raised on some rank: every rank restores and raises
             self._restore()  # never leave an unmeasured proposal behind
             raise error or _remote_probe_error()
@@ -738,9 +735,9 @@ class GuardedOptimizer(Optimizer):
     def _rerun(self, m: StepMeasurement, loss: Any, closure: Callable, rng_before: dict,
                group: Any, device: torch.device, event: StepEvent) -> tuple[str, tuple | None]:
         """Rung 2 (:mod:`.ladder`): from the verified state, evaluate the closure again on the
-        same batch and the same RNG draws. ``("transient", (y, nu, eps))`` if the re-run
-        differs and its proposal passes (it is then live); ``("persistent", None)`` if it
-        reproduces, or is rejected too (the verified state is then live)."""
+        same batch and the same RNG draws, and measure its proposal. ``("transient",
+        (y, nu, eps))`` if that passes (it is then live); ``("persistent", None)`` if it is
+        rejected too (the verified state is then live)."""
         self.stats["reruns"] += 1
         self._restore()
         rng_after = rng.capture()
@@ -750,22 +747,16 @@ class GuardedOptimizer(Optimizer):
                 loss2 = closure()
         finally:
             rng.restore(rng_after)   # the data stream goes on from the first run
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        norm2 = full_value(global_grad_norm(grads))
-        first = [_as_float(loss), event.grad_norm]
-        differs = float(not self.ladder.rerun.same(first, [_as_float(loss2), float(norm2)]))
-        kind = "persistent"
-        if agree_host([differs], [], group, self._accelerator())[0]:   # any rank's re-run differs
-            self._propose(_replay(loss2, closure))
-            self._unverified, self._live_is_safe = 1, False
-            y, nu, eps, after, post_fired, reasons = self._measure_proposal(m, group, device, event)
-            self._observe(self._post, after, not reasons, post_fired)
-            if not reasons:
-                self.stats["transient"] += 1
-                return "transient", (y, nu, eps)
-            self._restore()
+        self._propose(_replay(loss2, closure))
+        self._unverified, self._live_is_safe = 1, False
+        y, nu, eps, after, post_fired, reasons = self._measure_proposal(m, group, device, event)
+        self._observe(self._post, after, not reasons, post_fired)
+        if not reasons:
+            self.stats["transient"] += 1
+            return "transient", (y, nu, eps)
+        self._restore()
         self.stats["persistent"] += 1
-        return kind, None
+        return "persistent", None
 
     def _quarantine(self, batch_id: Any, event: StepEvent) -> None:
         """Rung 4: remember a batch whose rejection reproduced."""
@@ -913,7 +904,7 @@ class GuardedOptimizer(Optimizer):
         raw, error = _try_probe(self.probe, self.module)
         y = math.nan if error is not None else probe_value(raw)
         y, failed = agree_host([y, float(error is not None)], [0], resolve_group(self.process_group),
-                               self._accelerator())
+                               self._accelerator)
         if failed:
             raise error or _remote_probe_error()
         return y

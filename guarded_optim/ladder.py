@@ -16,12 +16,15 @@ Rungs, in order (each an event, a ``stats`` counter and a log record):
    or the measured step of ``probe_every=k`` right after a verification): the state goes
    back to the last verified one, and the closure is
    evaluated once more on the same batch, with the RNG streams it drew from the first time
-   (Megatron-LM's rerun state machine, inside one ``step()``). A re-run that differs and
-   whose proposal passes is *transient* (a hardware fault, silent data corruption): it is
-   applied (``stats["transient"]``). One that reproduces the loss and gradient norm, or
-   whose proposal is rejected again, is *persistent*: the batch is bad
-   (``stats["persistent"]``). The RNG streams then continue from where the first run left
-   them: re-running never rewinds the data stream.
+   (Megatron-LM's rerun state machine, inside one ``step()``), and its proposal is measured.
+   One that passes is *transient*: what went wrong was not the batch (a hardware fault or
+   silent data corruption, whose re-run differs; or state written between steps, such as
+   BatchNorm statistics poisoned by a skipped NaN batch, which the verified state does not
+   hold). It is applied (``stats["transient"]``). One that is rejected again is
+   *persistent*: the batch is bad (``stats["persistent"]``). A re-run that reproduces the
+   first bit for bit is proposed too: only the proposal tells the batch from the state it
+   started on. The RNG streams then continue from where the first run left them:
+   re-running never rewinds the data stream.
 3. **roll back** to the last verified state (``stats["rollbacks"]``).
 4. **quarantine** (:class:`Quarantine`) -- a persistent rejection records the batch's
    identity (``step(closure, batch_id=...)``; without one nothing is recorded) in the
@@ -66,26 +69,13 @@ class GuardStopped(RuntimeError):
 
 class ReRun:
     """Rung 2: tell a transient rejection from a persistent one by evaluating the closure
-    once more on the same batch (see the module docstring).
-
-    ``same(first, second)`` says whether two ``(loss, grad_norm)`` readings reproduce each
-    other: bit for bit by default (``rtol=0``; deterministic kernels reproduce exactly), or
-    within ``rtol`` for nondeterministic ones.
-    """
+    once more on the same batch from the verified state, and measuring its proposal (see
+    the module docstring)."""
 
     name = "rerun"
 
-    def __init__(self, rtol: float = 0.0):
-        if not rtol >= 0:
-            raise ValueError(f"Invalid rtol: {rtol!r}; it must be >= 0.")
-        self.rtol = float(rtol)
-
-    def same(self, first: tuple[float, float], second: tuple[float, float]) -> bool:
-        return all(a == b or abs(a - b) <= self.rtol * max(abs(a), abs(b))
-                   for a, b in zip(first, second))
-
     def __repr__(self) -> str:
-        return f"ReRun(rtol={self.rtol})"
+        return "ReRun()"
 
 
 def _plain_id(x: Any) -> bool:
@@ -219,7 +209,7 @@ class Ladder:
             raise TypeError(f"rerun must be a ReRun() or None, got {rerun!r}.")
         if on_exhausted not in _EXHAUSTED:
             raise ValueError(f"Invalid on_exhausted: {on_exhausted!r}; choose one of {_EXHAUSTED}.")
-        self.rerun = ReRun(rerun.rtol) if rerun is not None else None
+        self.rerun = ReRun() if rerun is not None else None
         self.quarantine = quarantine if quarantine is not None else Quarantine()
         self.on_exhausted = on_exhausted
 

@@ -336,3 +336,33 @@ def test_loss_spike_on_the_verified_state_is_the_batch_not_damage():
         m[4].weight.mul_(1e3)                 # damage: the loss spikes on every batch
     d = run(m, opt, batches[35:36], start=35)
     assert d == [("rollback", "loss_spike")] and opt.stats["batch_loss_spikes"] == 1
+
+
+def test_the_guard_judges_the_default_pre_step_signals_on_the_host():
+    """NonFinite, GradientSpike and LossSpike decide from the gradient norm and loss the
+    step's one transfer reads (no device work); a subclass that overrides ``measure`` alone
+    is measured, not judged by its parent's rule."""
+    from guarded_optim.signals.base import host_judge
+
+    class Custom(NonFinite):
+        def measure(self, m):
+            return torch.tensor(True)
+
+    for sig in (NonFinite(), GradientSpike(), LossSpike()):
+        assert host_judge(sig) is not None and host_judge(sig).__func__ is type(sig).judge
+    assert host_judge(Custom()) is None and host_judge(WeightNorm()) is None
+    m, opt = guarded(signals=[Custom()])
+    _, batches = tiny.data(steps=1)
+    assert run(m, opt, batches) == [("skip", "nonfinite")]     # its own measure decided
+
+
+def test_a_finite_float64_loss_beyond_float32_range_is_finite():
+    """The loss rides in the step's transfer in float64: 7e56 is a number, not an overflow."""
+    m, opt = guarded(signals=[NonFinite(), GradientSpike()])
+    _, batches = tiny.data(steps=1)
+    x, y = batches[0]
+    opt.zero_grad()
+    loss = F.mse_loss(m(x), y)
+    loss.backward()
+    opt.step(lambda: loss.detach().double() * 7e56)
+    assert opt.last_decision == "accept"

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import torch
 
-__all__ = ["Verdict", "StepMeasurement", "Signal", "PreStepSignal", "Stateless"]
+__all__ = ["Verdict", "StepMeasurement", "Signal", "PreStepSignal", "Stateless", "host_judge"]
 
 
 class Verdict(enum.IntEnum):
@@ -90,11 +90,27 @@ class Signal(Protocol):
         """Update the signal's own state once the decision is known (host side)."""
         ...
 
+    # optional, pre-step signals: ``judge(m) -> bool``, the same test on the host from the
+    # values the step's one transfer reads (``m.grad_norm_value``, ``m.loss_value``); the
+    # guard calls it instead of ``measure`` once they are read (no device work at all)
+
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 PreStepSignal = Signal  # the name used before post-step signals existed
+
+
+def host_judge(signal: Any):
+    """``signal.judge`` if the guard may call it instead of ``measure``: defined, and at
+    least as derived as ``measure`` (a subclass that overrides ``measure`` alone is
+    measured, not judged by its parent's rule). ``None`` otherwise."""
+    for cls in type(signal).__mro__:
+        if "judge" in cls.__dict__:
+            return signal.judge
+        if "measure" in cls.__dict__:
+            return None
+    return None
 
 
 class Stateless:

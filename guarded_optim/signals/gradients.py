@@ -38,9 +38,10 @@ def norm_inputs(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     (sparse: their values; complex: ``view_as_real``); empty tensors dropped."""
     out = []
     for t in tensors:
-        t = _dense_view(t.detach())
+        if t.layout != torch.strided or t.is_complex():
+            t = _dense_view(t)
         if t.numel():
-            out.append(t)
+            out.append(t.detach() if t.requires_grad else t)
     return out
 
 
@@ -72,9 +73,10 @@ def _group_norms(group: list[torch.Tensor], device: torch.device, dtype: torch.d
         # (norm above 1.8e19) or may have underflowed (squares below 1.2e-38: norm below
         # 1e-17) is summed again in float64, scaled by its largest magnitude (an all-zero
         # tensor costs one max pass, no copy). Reading a CPU tensor is no sync.
-        norms = norms.to(torch.float64)
-        redo = torch.isinf(norms) | (norms < 1e-17)
-        if bool(redo.any()):
+        lo, hi = torch.stack(torch.aminmax(norms)).tolist()   # one read; NaN: no repair
+        if math.isinf(hi) or lo < 1e-17:
+            norms = norms.to(torch.float64)
+            redo = torch.isinf(norms) | (norms < 1e-17)
             for i in redo.nonzero().flatten().tolist():
                 top = torch.linalg.vector_norm(group[i], math.inf).double()
                 if bool(top > 0) and bool(torch.isfinite(top)):
@@ -243,17 +245,14 @@ class _Peak:
             self.losses.extend([loss] * self.losses.maxlen)
         self.above = False
 
-    def loss_rise(self, loss: torch.Tensor) -> torch.Tensor | None:
-        """How far ``loss`` (0-d, on the device) lies above the recent applied losses, as a
-        factor >= 1: ``1 + (loss - max) / max|.|`` (``loss / max`` for positive losses);
-        ``None`` without recent losses. Device arithmetic against host numbers: no sync."""
-        if not self.losses:
-            return None
-        top, scale = max(self.losses), max(abs(v) for v in self.losses)
-        if not scale > 0:
-            return None
-        rise = torch.nan_to_num(1.0 + (loss.double() - top) / scale, nan=1.0, posinf=1.0)
-        return rise.clamp_min(1.0)
+    def loss_rise(self, loss: float) -> float:
+        """How far ``loss`` lies above the recent applied losses, as a factor >= 1:
+        ``1 + (loss - max) / max|.|`` (``loss / max`` for positive losses); 1 without recent
+        losses or for a non-finite loss."""
+        scale = max((abs(v) for v in self.losses), default=0.0)
+        if not (scale > 0 and math.isfinite(loss)):
+            return 1.0
+        return max(1.0, 1.0 + (loss - max(self.losses)) / scale)
 
     # the ring as tensors, oldest first (the state_dict layout; what tests read)
     @property
@@ -365,9 +364,10 @@ class GradientSpike:
     would skip x300 on 98.8% of steps. A window of 5 reached 12.9 on ResNet-18's clean run,
     20 reaches 1.76 there.
 
-    No host sync: the reference lives on the host, built from the gradient norms the
-    guard's one transfer per step reads anyway (``StepMeasurement.grad_norm_value``), and
-    :meth:`measure` is one comparison on the device against a host limit.
+    No device work and no host sync of its own: the reference lives on the host, built from
+    the gradient norms (and losses) the guard's one transfer per step reads anyway
+    (``StepMeasurement.grad_norm_value``, ``loss_value``), and the guard calls
+    :meth:`judge`, a comparison of host numbers, once they are read.
     """
 
     name = "grad_spike"
@@ -420,26 +420,40 @@ class GradientSpike:
             self.references[key] = ref
         return ref
 
-    def measure(self, m: StepMeasurement) -> torch.Tensor:
-        """One comparison on the device against a limit known on the host; no sync."""
-        device = m.grad_norm.device
+    def _reference_for(self, m: StepMeasurement) -> _Peak | None:
+        """Start measuring ``m``: its signature's reference once warmed up, else ``None``."""
         key = self.current = self.signature(m)
         self._ceiling, self._measured = math.inf, key is not None
         if key is None:                       # no gradient at all: nothing to test or learn
-            return _false(device)
+            return None
         ref = self._reference(key)
         if ref is None or ref.count < self.warmup or len(ref.values) < min(self.warmup, self.window):
-            return _false(device)
-        peak = max(ref.values)
+            return None
         if self.learn_factor < self.factor:
-            self._ceiling = peak + self._log_learn
-        norm, limit = m.grad_norm.detach(), math.exp(peak + self._log_factor)
-        rise = ref.loss_rise(m.loss.detach().float().mean().to(device)) \
-            if self.loss_explains and m.loss is not None else None
-        fired = norm > (limit if rise is None else limit * rise)
-        if self._log_low is not None:
-            fired = fired | ((norm < math.exp(min(ref.values) - self._log_low)) & (norm > 0))
-        return fired & torch.isfinite(norm)
+            self._ceiling = max(ref.values) + self._log_learn
+        return ref
+
+    def judge(self, m: StepMeasurement) -> bool:
+        """The test, on the host, from the values the guard's one transfer per step reads
+        (``m.grad_norm_value``, ``m.loss_value``): what the guard calls. No device work."""
+        ref = self._reference_for(m)
+        norm = m.grad_norm_value
+        if ref is None or not math.isfinite(norm):
+            return False
+        limit = math.exp(max(ref.values) + self._log_factor)
+        if self.loss_explains and m.loss_value is not None:
+            limit *= ref.loss_rise(m.loss_value)
+        low = self._log_low is not None and 0 < norm < math.exp(min(ref.values) - self._log_low)
+        return norm > limit or low
+
+    def measure(self, m: StepMeasurement) -> torch.Tensor:
+        """:meth:`judge` as a 0-d bool tensor, for a caller that has not read the norm and
+        loss yet (reads them: one sync on an accelerator)."""
+        if m.grad_norm_value is None:
+            m.grad_norm_value = float(m.grad_norm)
+        if m.loss_value is None and m.loss is not None and m.loss.numel():
+            m.loss_value = float(m.loss.detach().to(m.grad_norm.dtype).mean())
+        return torch.tensor(self.judge(m), device=m.grad_norm.device)
 
     def observe(self, m: StepMeasurement, applied: bool, fired: bool) -> None:
         ceiling, self._ceiling = self._ceiling, math.inf

@@ -26,6 +26,13 @@ class NonFinite(Stateless):
     name = "nonfinite"
     phase, verdict = "before", Verdict.SKIP
 
+    def judge(self, m: StepMeasurement) -> bool:
+        """The test on the host, from the gradient norm and the mean loss the guard's one
+        transfer read (a non-finite element makes either non-finite): what the guard
+        calls; no device work."""
+        return not math.isfinite(m.grad_norm_value) or (
+            m.loss_value is not None and not math.isfinite(m.loss_value))
+
     def measure(self, m: StepMeasurement) -> torch.Tensor:
         bad = ~torch.isfinite(m.grad_norm)
         if isinstance(m.loss, torch.Tensor):
@@ -94,7 +101,8 @@ class LossSpike:
         self._loss: torch.Tensor | None = None
 
     # the window of the signature measured last (what older code and tests read)
-    buffer = property(lambda self: self.references.get(self.current, {}).get("buffer"))
+    buffer = property(lambda self: torch.tensor(self.references[self.current]["buffer"])
+                      if self.current in self.references else None)
     count = property(lambda self: self.references.get(self.current, {}).get("count", 0))
 
     @staticmethod
@@ -103,22 +111,29 @@ class LossSpike:
         key = signature(m) if m.optimizer is not None else None
         return "none" if key is None else key
 
-    def measure(self, m: StepMeasurement) -> torch.Tensor:
-        device = m.grad_norm.device
-        if m.loss is None:
-            self._loss = None
-            return torch.zeros((), dtype=torch.bool, device=device)
+    def judge(self, m: StepMeasurement) -> bool:
+        """The test on the host, from the mean training loss the guard's one transfer read
+        (``m.loss_value``): what the guard calls; no device work. The windows are host
+        lists of those same values."""
+        loss = self._loss = m.loss_value
+        if loss is None:
+            return False
         self.current = self._key(m)
-        loss = self._loss = m.loss.detach().float().mean().to(device)
         ref = self.references.get(self.current)
         if ref is None and _LEGACY in self.references:
             ref = self.references[self.current] = self.references.pop(_LEGACY)
         if ref is None or ref["count"] < self.warmup:
-            return torch.zeros((), dtype=torch.bool, device=device)
-        window = ref["buffer"] = ref["buffer"].to(device)
-        window = window[: min(ref["count"], self.window)]
-        peak, scale = window.max(), window.abs().max()
-        return torch.isfinite(loss) & (loss > peak + (self.factor - 1.0) * scale)
+            return False
+        window = ref["buffer"][: min(ref["count"], self.window)]
+        peak, scale = max(window), max(abs(v) for v in window)
+        return math.isfinite(loss) and loss > peak + (self.factor - 1.0) * scale
+
+    def measure(self, m: StepMeasurement) -> torch.Tensor:
+        """:meth:`judge` as a 0-d bool tensor, for a caller that has not read the loss yet
+        (reads it: one sync on an accelerator)."""
+        if m.loss_value is None and m.loss is not None and m.loss.numel():
+            m.loss_value = float(m.loss.detach().to(m.grad_norm.dtype).mean())
+        return torch.tensor(self.judge(m), device=m.grad_norm.device)
 
     def observe(self, m: StepMeasurement, applied: bool, fired: bool) -> None:
         loss, self._loss = self._loss, None
@@ -128,12 +143,11 @@ class LossSpike:
         if ref is None:
             if len(self.references) >= self.max_keys:
                 del self.references[min(self.references, key=lambda k: self.references[k]["used"])]
-            ref = self.references[self.current] = {
-                "buffer": torch.zeros(self.window, device=loss.device), "count": 0, "used": 0}
+            ref = self.references[self.current] = {"buffer": [0.0] * self.window, "count": 0,
+                                                   "used": 0}
         self._tick += 1
         ref["used"] = self._tick
-        ref["buffer"][ref["count"] % self.window] = torch.nan_to_num(
-            loss, nan=0.0, posinf=0.0, neginf=0.0)
+        ref["buffer"][ref["count"] % self.window] = loss if math.isfinite(loss) else 0.0
         ref["count"] += 1
 
     def rebase(self) -> None:
@@ -143,9 +157,8 @@ class LossSpike:
         """Flat plain data: one row of ``buffers`` and one entry of each list per signature
         in ``keys`` (``""``: a loaded earlier window not yet adopted)."""
         refs = list(self.references.items())
-        device = refs[0][1]["buffer"].device if refs else torch.device("cpu")
         return {"keys": [k for k, _ in refs],
-                "buffers": (torch.stack([r["buffer"].to(device) for _, r in refs]) if refs
+                "buffers": (torch.tensor([r["buffer"] for _, r in refs]) if refs
                             else torch.zeros(0, self.window)),
                 "counts": [r["count"] for _, r in refs], "used": [r["used"] for _, r in refs],
                 "current": self.current, "tick": self._tick}
@@ -168,17 +181,16 @@ class LossSpike:
             self.references[_LEGACY] = self._ring(state["buffer"], int(state["count"]), 0)
 
     def _ring(self, buf: torch.Tensor, count: int, used: int) -> dict[str, Any]:
-        buf = buf.detach().clone().float()
+        buf = buf.detach().float().cpu()
         if buf.dim() != 1 or not bool(torch.isfinite(buf).all()):
             raise ValueError("LossSpike state: each buffer must be a finite 1-d tensor of "
                              "losses; the checkpoint is corrupt.")
-        if len(buf) != self.window:        # another window: keep the newest losses in order
-            n = min(count, len(buf), self.window)
-            order = torch.tensor([(count - n + k) % len(buf) for k in range(n)], dtype=torch.long)
-            new = torch.zeros(self.window, device=buf.device)
-            new[:n] = buf[order.to(buf.device)]
-            buf, count = new, n
-        return {"buffer": buf, "count": count, "used": used}
+        values = buf.tolist()
+        if len(values) != self.window:     # another window: keep the newest losses in order
+            n = min(count, len(values), self.window)
+            newest = [values[(count - n + k) % len(values)] for k in range(n)]
+            values, count = newest + [0.0] * (self.window - n), n
+        return {"buffer": values, "count": count, "used": used}
 
     def __repr__(self) -> str:
         return f"LossSpike(factor={self.factor}, window={self.window}, warmup={self.warmup})"
