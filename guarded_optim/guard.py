@@ -695,11 +695,15 @@ class GuardedOptimizer(Optimizer):
         parts = [s.measure(m).to(device, dtype).reshape(1)
                  for s, judge in zip(signals, on_host) if judge is None]
         k = len(parts)
-        loss = m.loss.detach().to(dtype).mean() if m.loss is not None and m.loss.numel() else None
-        parts += [m.grad_norm.detach().reshape(1),
-                  (loss if loss is not None else m.grad_norm.new_zeros(())).to(device, dtype).reshape(1),
-                  (overflow if overflow is not None else m.grad_norm.new_zeros(())).to(
-                      device, dtype).reshape(1)]   # made on the device: no upload, no sync
+        loss = m.loss.detach() if m.loss is not None and m.loss.numel() else None
+        if loss is not None and loss.numel() > 1:
+            loss = loss.to(dtype).mean()
+        parts.append(m.grad_norm.detach().reshape(1))
+        if loss is None and overflow is None:        # made on the device: no upload, no sync
+            parts.append(m.grad_norm.new_zeros(2))
+        else:
+            parts += [(t.reshape(1).to(device, dtype) if t is not None else m.grad_norm.new_zeros(1))
+                      for t in (loss, overflow)]
         values = agree(pack(parts), [k, k + 1], group, self._accelerator).tolist()
         m.grad_norm_value = values[k]
         m.loss_value = values[k + 1] if loss is not None else None

@@ -19,6 +19,7 @@ as ``max``: any FAILURE wins, then SKIP, else HEALTHY.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -105,12 +106,17 @@ def host_judge(signal: Any):
     """``signal.judge`` if the guard may call it instead of ``measure``: defined, and at
     least as derived as ``measure`` (a subclass that overrides ``measure`` alone is
     measured, not judged by its parent's rule). ``None`` otherwise."""
-    for cls in type(signal).__mro__:
-        if "judge" in cls.__dict__:
-            return signal.judge
-        if "measure" in cls.__dict__:
-            return None
-    return None
+    return signal.judge if _judged(type(signal)) else None
+
+
+@functools.lru_cache(maxsize=None)
+def _judged(cls: type) -> bool:
+    for c in cls.__mro__:
+        if "judge" in c.__dict__:
+            return True
+        if "measure" in c.__dict__:
+            return False
+    return False
 
 
 class Stateless:
