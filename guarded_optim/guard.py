@@ -809,12 +809,15 @@ class GuardedOptimizer(Optimizer):
         batch is what differs (fresh data after a memorised shard) and the step goes on as
         an ordinary one. Rolling it back would only skip the batch, and every batch after
         it (the natural suite's ``adam_v_decay``: 20 rollbacks, then a re-base). Counted in
-        ``stats["batch_loss_spikes"]``; host-side version counters only, no sync."""
+        ``stats["batch_loss_spikes"]``. Checked by the version counters, then value for value
+        against the snapshot (a write through ``p.data`` bumps no counter): one pass over
+        the parameters, only when such a spike fires."""
         if not any(f and s.verdict is Verdict.FAILURE for s, f in zip(pre, fired)):
             return False
-        if not (self._live_is_safe and self._uses_snapshots
-                and not self._safe.written_since_capture()):
+        if not (self._live_is_safe and self._uses_snapshots):
             return False
+        if self._agreed(self._safe.written_since_capture() or not self._safe.matches_live_params()):
+            return False          # the live state was written since it was verified
         self.stats["batch_loss_spikes"] += 1
         self._log("batch", logging.DEBUG, "step %d: training-loss spike on the verified state: "
                   "the batch differs, nothing to roll back", self._t)

@@ -500,11 +500,13 @@ class Snapshot:
                 or _layout(params) != self._param_layout or _versions(params) != self._param_versions)
 
     def matches_live_params(self) -> bool:
-        """Whether the saved parameters equal the live ones (devices and values). Syncs."""
+        """Whether the saved parameters equal the live ones, value for value (a host copy is
+        compared on the parameter's device). A pass over both, and syncs: for rare checks
+        (a write the version counters cannot see, such as ``p.data.mul_()``)."""
         self.synchronize()
         live = _flat_params(self.optimizer)
         return len(live) == len(self._saved_params) and all(
-            a.device == b.device and torch.equal(a, b)
+            a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b.to(a.device))
             for a, b in zip((_local(p.detach()) for p in live), self._saved_params))
 
     @torch.no_grad()

@@ -366,3 +366,18 @@ def test_a_finite_float64_loss_beyond_float32_range_is_finite():
     loss.backward()
     opt.step(lambda: loss.detach().double() * 7e56)
     assert opt.last_decision == "accept"
+
+
+def test_loss_spike_on_weights_written_through_data_is_still_damage():
+    """``p.data.mul_()`` bumps no version counter: the verified-state check also compares
+    the weights with the snapshot, value for value, before blaming the batch."""
+    m, opt = guarded(signals=[NonFinite(), LossSpike()], probe_every=10)
+    _, batches = tiny.data(steps=32)
+    run(m, opt, batches[:30])
+    assert opt._live_is_safe
+    verified = weights_and_state(m, opt)
+    m[4].weight.data.mul_(1e3)                # damage no counter sees
+    assert not opt._safe.written_since_capture()
+    d = run(m, opt, batches[30:31], start=30)
+    assert d == [("rollback", "loss_spike")] and opt.stats["batch_loss_spikes"] == 0
+    tiny.assert_same(verified, weights_and_state(m, opt))
