@@ -111,17 +111,20 @@ def test_stable_adamw_clips_an_out_of_date_update():
     assert adamw > 2e-2 and clipped < 2e-3      # measured: 2.5 lr and 0.1 lr
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_fresh_data_after_a_memorised_shard_is_not_an_event(seed):
+@pytest.mark.parametrize("seed,arm", [(1, "guarded_probe"), (1, "guarded_signals"),
+                                      (2, "guarded_signals")])
+def test_fresh_data_after_a_memorised_shard_is_not_an_event(seed, arm):
     """``adam_v_decay``: the gradient norm rises 100x+ and Adam's moments 1e4x when fresh
     data follows the memorised shard. The training loss rises with them (the batch is new,
-    nothing is damaged), so on these seeds both guarded arms take every step as bare does:
-    the same curve, bit for bit. (0.1.0 skipped or rolled back 20 steps there, and without a
-    probe OptimizerStateHealth then rolled back every verification: 5.5x bare.)"""
+    nothing is damaged), so the guarded arms take every step as bare does: the same curve,
+    bit for bit. (0.1.0 skipped or rolled back 20 steps there, and without a probe
+    OptimizerStateHealth then rolled back every verification: 5.5x bare.) Margins measured
+    here: the gradient norm at most 0.18 of GradientSpike's limit, the moments 0.012 of
+    OptimizerStateHealth's, the probe's innovation 0.40 of its threshold on seed 1 (0.88 on
+    seed 2, too close to pin across CPUs, so seed 2 runs without a probe only)."""
     mech = natural.MECHANISMS["adam_v_decay"]
     bare = natural.train(mech.build(seed, True, False, 1.0), "bare", "adam_v_decay", seed)
-    for arm in ("guarded_probe", "guarded_signals"):
-        c = natural.train(mech.build(seed, True, False, 1.0), arm, "adam_v_decay", seed)
-        assert c.curve == bare.curve
-        assert c.stats["rollbacks"] == c.stats["skipped"] == 0
-        assert c.stats["batch_loss_spikes"] == (arm == "guarded_signals")
+    c = natural.train(mech.build(seed, True, False, 1.0), arm, "adam_v_decay", seed)
+    assert c.curve == bare.curve
+    assert c.stats["rollbacks"] == c.stats["skipped"] == 0
+    assert c.stats["batch_loss_spikes"] == (arm == "guarded_signals")
