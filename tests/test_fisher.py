@@ -19,17 +19,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 guard, step = test_policy.guard, test_policy.step
 
 
-def same(a, b) -> bool:
-    """Recursive equality of plain data with tensors compared bit for bit."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    return a == b
-
-
 def params_like(shapes, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(s, generator=g, dtype=torch.float64).requires_grad_() for s in shapes]
@@ -297,10 +286,10 @@ def test_state_round_trips_weights_only(tmp_path):
     torch.save(opt.state_dict(), tmp_path / "o.pt")
     m2, opt2, _ = guard(all_tools())
     opt2.load_state_dict(torch.load(tmp_path / "o.pt", weights_only=True))
-    assert same([a.state_dict() for a in opt2.recovery], [a.state_dict() for a in opt.recovery])
+    assert tiny.same([a.state_dict() for a in opt2.recovery], [a.state_dict() for a in opt.recovery])
     host = FisherDiagonal(host=True)
     host.load_state_dict(opt.recovery[0].state_dict())
-    assert same(host.state_dict(), opt.recovery[0].state_dict())
+    assert tiny.same(host.state_dict(), opt.recovery[0].state_dict())
 
 
 def test_the_guard_carries_a_fisher_diagonal_at_no_extra_cost_with_adam():

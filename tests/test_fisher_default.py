@@ -25,16 +25,6 @@ TORCH_OPTIMIZERS = sorted(
     and getattr(torch.optim, name) is not torch.optim.Optimizer)
 
 
-def same(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    return a == b
-
-
 def stepped(name):
     """``torch.optim.<name>`` on a small problem it accepts, with its state after one step."""
     torch.manual_seed(0)
@@ -171,7 +161,7 @@ def test_estimate_after_n_verified_updates_is_the_ema_by_hand(seed):
     n = len(taught)
     assert n == 6 and tracker.updates == tracker.verified == n and tracker.healthy == 23
     assert all(f.dtype == torch.float32 and f.device.type == "cpu" for f in tracker.fisher)
-    assert same(tracker.fisher, by_hand(taught, alpha))          # bit for bit
+    assert tiny.same(tracker.fisher, by_hand(taught, alpha))          # bit for bit
     for i in range(len(params)):                                   # and the closed form
         closed = (1 - alpha) ** (n - 1) * taught[0][i] ** 2 + sum(
             alpha * (1 - alpha) ** (n - j) * taught[j - 1][i] ** 2 for j in range(2, n + 1))
@@ -189,7 +179,7 @@ def test_every_keeps_every_nth_verified_update():
         tracker.on_healthy(guard)
     # verified steps 0, 2, 4, 6, 8, 10; every 3rd of them: steps 0 and 6
     assert tracker.verified == 6 and tracker.updates == 2
-    assert same(tracker.fisher, by_hand([[torch.zeros(2)], [torch.full((2,), 6.0)]], 0.01))
+    assert tiny.same(tracker.fisher, by_hand([[torch.zeros(2)], [torch.full((2,), 6.0)]], 0.01))
 
 
 def test_state_round_trips_through_torch_load_weights_only(tmp_path):
@@ -206,13 +196,13 @@ def test_state_round_trips_through_torch_load_weights_only(tmp_path):
     assert loaded["default"] is True and loaded["verified"] == 0 and loaded["updates"] == 3
     other = HostFisher(alpha=0.2)
     other.load_state_dict(loaded)
-    assert same(other.state_dict(), tracker.state_dict())
+    assert tiny.same(other.state_dict(), tracker.state_dict())
     assert all(a is not b for a, b in zip(other.fisher, tracker.fisher))   # its own copies
     for p in params:                                                      # and it goes on alike
         p.grad = torch.randn(p.shape, generator=gen)
     tracker.update(params)
     other.update(params)
-    assert same(other.state_dict(), tracker.state_dict())
+    assert tiny.same(other.state_dict(), tracker.state_dict())
     # a plain FisherDiagonal's state loads into the tracker (as float32) and back
     plain = FisherDiagonal()
     plain.update([torch.ones(2, dtype=torch.float64, requires_grad=True)])
@@ -243,7 +233,7 @@ def test_a_guard_with_the_default_tracker_trains_bit_identically_to_bare_sgd():
     assert isinstance(tracker, HostFisher) and find_fisher(opt) is tracker
     assert tracker.healthy == 30 and tracker.updates == 3   # steps 1, 11, 21 (VERIFY_EVERY=10)
     fisher = opt.fisher_diagonal()
-    assert fisher is not None and same(fisher, tracker.fisher)
+    assert fisher is not None and tiny.same(fisher, tracker.fisher)
     assert all(f.dtype == torch.float32 and f.device.type == "cpu" for f in fisher)
     assert opt.state_dict()["guard"]["fisher"] == "host"
 
@@ -261,7 +251,7 @@ def test_with_a_probe_it_learns_from_measured_accepted_steps_only():
             taught.append([p.grad.clone() for p in m.parameters()])
     tracker = opt.recovery[0]
     assert opt.stats["measured"] == len(taught) == tracker.updates == 4
-    assert same(tracker.fisher, by_hand(taught, tracker.alpha))
+    assert tiny.same(tracker.fisher, by_hand(taught, tracker.alpha))
 
 
 def test_a_rejected_proposal_does_not_teach_it():
@@ -280,7 +270,7 @@ def test_a_rejected_proposal_does_not_teach_it():
     for g in opt.param_groups:
         g["lr"] /= 1e4
     assert opt.last_decision == "rollback" and tracker.updates == 4
-    assert same(tracker.fisher, before)
+    assert tiny.same(tracker.fisher, before)
 
 
 # -- the guard's checkpoint with and without the tracker -----------------------------------
@@ -295,7 +285,7 @@ def test_checkpoint_round_trip_keeps_the_estimate(tmp_path):
     assert sd["guard"]["fisher"] == "host" and sd["guard"]["recovery"][-1]["default"] is True
     _, dst = run(None, steps=1)
     dst.load_state_dict(sd)
-    assert same(dst.recovery[0].state_dict(), src.recovery[0].state_dict())
+    assert tiny.same(dst.recovery[0].state_dict(), src.recovery[0].state_dict())
 
 
 def test_a_checkpoint_without_the_tracker_loads_into_a_guard_with_one(tmp_path):
@@ -308,7 +298,7 @@ def test_a_checkpoint_without_the_tracker_loads_into_a_guard_with_one(tmp_path):
     _, opt = run([ReduceLR(), HostFisher()], steps=12)
     assert opt.recovery[1].ready
     opt.load_state_dict(sd)
-    assert same(opt.recovery[0].state_dict(), src.recovery[0].state_dict())
+    assert tiny.same(opt.recovery[0].state_dict(), src.recovery[0].state_dict())
     assert isinstance(opt.recovery[1], HostFisher) and not opt.recovery[1].ready
     assert opt.fisher_diagonal() is None and opt.state_dict()["guard"]["fisher"] == "host"
 
@@ -359,7 +349,7 @@ def test_a_checkpoint_with_the_tracker_loads_into_a_guard_without_one(tmp_path):
     opt = GuardedOptimizer(inner, module=m2, recovery=[ReduceLR()])
     assert len(opt.recovery) == 1
     opt.load_state_dict(sd)
-    assert len(opt.recovery) == 1 and same(opt.recovery[0].state_dict(),
+    assert len(opt.recovery) == 1 and tiny.same(opt.recovery[0].state_dict(),
                                            src.recovery[0].state_dict())
     assert opt.state_dict()["guard"]["fisher"] == "state.exp_avg_sq"
 
@@ -370,7 +360,7 @@ def test_other_recovery_mismatches_still_fail_before_anything_changes(tmp_path):
     before = opt.recovery[0].state_dict()
     with pytest.raises(ValueError, match="recovery actions"):
         opt.load_state_dict(sd)
-    assert same(opt.recovery[0].state_dict(), before)
+    assert tiny.same(opt.recovery[0].state_dict(), before)
     _, opt2 = run([ReduceLR(), ReduceLR(), HostFisher()], steps=1)
     with pytest.raises(ValueError, match="recovery actions"):
         opt2.load_state_dict(sd)
@@ -396,8 +386,8 @@ def test_sparse_and_complex_gradients_fold_in_as_their_dense_squared_magnitude()
     tracker = HostFisher()
     tracker.update([emb.weight, z])
     assert emb.weight.grad.is_sparse
-    assert same(tracker.fisher[0], emb.weight.grad.to_dense().square())
-    assert same(tracker.fisher[1], torch.tensor([25.0, 1.0]))
+    assert tiny.same(tracker.fisher[0], emb.weight.grad.to_dense().square())
+    assert tiny.same(tracker.fisher[1], torch.tensor([25.0, 1.0]))
 
 
 def test_a_guard_over_a_sparse_embedding_with_the_tracker_steps_like_bare_sgd():

@@ -52,6 +52,17 @@ def full_state(m: nn.Module, opt) -> dict:
     return out
 
 
+def same(a, b) -> bool:
+    """Recursive equality of plain data with tensors compared bit for bit."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
 def assert_same(a: dict, b: dict) -> None:
     assert a.keys() == b.keys(), (sorted(a.keys() ^ b.keys()))
     for k in a:
