@@ -99,8 +99,7 @@ def test_recovery_state_round_trips(tmp_path):
     torch.save(opt.state_dict(), tmp_path / "o.pt")
     m2, opt2, _ = guard(arc_recovery())
     opt2.load_state_dict(torch.load(tmp_path / "o.pt", weights_only=True))
-    from test_fisher import same
-    assert same([a.state_dict() for a in opt2.recovery], [a.state_dict() for a in opt.recovery])
+    assert tiny.same([a.state_dict() for a in opt2.recovery], [a.state_dict() for a in opt.recovery])
     assert opt2.recovery[0].scale == 0.5
     m3, opt3, _ = guard([])
     with pytest.raises(ValueError, match="recovery"):
