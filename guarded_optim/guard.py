@@ -668,7 +668,7 @@ class GuardedOptimizer(Optimizer):
                       else fired)
         self._observe(post, after, not reasons, post_fired)
         if reasons and rng_before is not None and self._unverified == 1:
-            kind, remeasured = self._rerun(m, loss, closure, rng_before, group, device, event)
+            kind, remeasured = self._rerun(m, closure, rng_before, group, device, event)
             event.action = f"rerun:{kind}"
             if kind == "transient":
                 y, nu, eps = remeasured
@@ -695,9 +695,7 @@ class GuardedOptimizer(Optimizer):
         parts = [s.measure(m).to(device, dtype).reshape(1)
                  for s, judge in zip(signals, on_host) if judge is None]
         k = len(parts)
-        loss = m.loss.detach() if m.loss is not None and m.loss.numel() else None
-        if loss is not None and loss.numel() > 1:
-            loss = loss.to(dtype).mean()
+        loss = m.loss_mean()
         parts.append(m.grad_norm.detach().reshape(1))
         if loss is None and overflow is None:        # made on the device: no upload, no sync
             parts.append(m.grad_norm.new_zeros(2))
@@ -736,7 +734,7 @@ class GuardedOptimizer(Optimizer):
         reasons += [] if accepts(nu, eps) else ["probe"]
         return y, nu, eps, after, post_fired, reasons
 
-    def _rerun(self, m: StepMeasurement, loss: Any, closure: Callable, rng_before: dict,
+    def _rerun(self, m: StepMeasurement, closure: Callable, rng_before: dict,
                group: Any, device: torch.device, event: StepEvent) -> tuple[str, tuple | None]:
         """Rung 2 (:mod:`.ladder`): from the verified state, evaluate the closure again on the
         same batch and the same RNG draws, and measure its proposal. ``("transient",
@@ -763,7 +761,7 @@ class GuardedOptimizer(Optimizer):
         return "persistent", None
 
     def _quarantine(self, batch_id: Any, event: StepEvent) -> None:
-        """Rung 4: remember a batch whose rejection reproduced."""
+        """Rung 4: remember a batch whose rejection was persistent."""
         if self.ladder.quarantine.add(batch_id):
             self.stats["quarantined"] += 1
 

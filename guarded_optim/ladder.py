@@ -9,8 +9,9 @@ Rungs, in order (each an event, a ``stats`` counter and a log record):
    (``stats["overruled"]``, ``action="overrule"``). Accepted, the signals learn it as an
    ordinary step (the gradients moved to a new level; with a closure the training loss
    tells most such moves apart already, see :class:`GradientSpike`, and without one this
-   rung is what lets a new level in before the signal's patience runs out); rejected, it is rolled back and the streak starts again. The price: an
-   x300 gradient window can be let through (see :class:`Ladder`).
+   rung is what lets a new level in before the signal's patience runs out); rejected, it
+   is rolled back and the streak starts again. The price: an x300 gradient window can be
+   let through (see :class:`Ladder`).
 2. **re-run in place** (:class:`ReRun`) -- a measured proposal is rejected, the user passed
    a closure, and the proposal is the only unverified step (a probe with ``probe_every=1``,
    or the measured step of ``probe_every=k`` right after a verification): the state goes

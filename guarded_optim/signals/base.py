@@ -68,6 +68,23 @@ class StepMeasurement:
             self._param_norm = global_norm([p.detach() for p in self.params])
         return self._param_norm
 
+    def loss_mean(self) -> torch.Tensor | None:
+        """The training loss as one number on its device (the mean of its elements, in
+        ``grad_norm``'s dtype when there are several); ``None`` without a loss. No sync."""
+        if self.loss is None or not self.loss.numel():
+            return None
+        loss = self.loss.detach()
+        return loss.to(self.grad_norm.dtype).mean() if loss.numel() > 1 else loss
+
+    def read_values(self) -> None:
+        """Fill ``grad_norm_value`` and ``loss_value`` where no guard has read them (a signal
+        measured on its own): a sync each on an accelerator."""
+        if self.grad_norm_value is None:
+            self.grad_norm_value = float(self.grad_norm)
+        loss = self.loss_mean() if self.loss_value is None else None
+        if loss is not None:
+            self.loss_value = float(loss)
+
     def after_proposal(self) -> "StepMeasurement":
         """The same step, measured again on the proposed parameters."""
         return StepMeasurement(self.step, self.grad_norm, self.loss, self.optimizer,

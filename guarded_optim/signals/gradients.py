@@ -448,11 +448,8 @@ class GradientSpike:
 
     def measure(self, m: StepMeasurement) -> torch.Tensor:
         """:meth:`judge` as a 0-d bool tensor, for a caller that has not read the norm and
-        loss yet (reads them: one sync on an accelerator)."""
-        if m.grad_norm_value is None:
-            m.grad_norm_value = float(m.grad_norm)
-        if m.loss_value is None and m.loss is not None and m.loss.numel():
-            m.loss_value = float(m.loss.detach().to(m.grad_norm.dtype).mean())
+        loss yet (reads them: a sync on an accelerator)."""
+        m.read_values()
         return torch.tensor(self.judge(m), device=m.grad_norm.device)
 
     def observe(self, m: StepMeasurement, applied: bool, fired: bool) -> None:

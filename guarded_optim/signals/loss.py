@@ -98,7 +98,7 @@ class LossSpike:
         self.references: dict[str, dict[str, Any]] = {}   # key -> {"buffer", "count", "used"}
         self.current: str | None = None
         self._tick = 0
-        self._loss: torch.Tensor | None = None
+        self._loss: float | None = None   # the loss judged last, for observe()
 
     # the window of the signature measured last (what older code and tests read)
     buffer = property(lambda self: torch.tensor(self.references[self.current]["buffer"])
@@ -130,9 +130,8 @@ class LossSpike:
 
     def measure(self, m: StepMeasurement) -> torch.Tensor:
         """:meth:`judge` as a 0-d bool tensor, for a caller that has not read the loss yet
-        (reads it: one sync on an accelerator)."""
-        if m.loss_value is None and m.loss is not None and m.loss.numel():
-            m.loss_value = float(m.loss.detach().to(m.grad_norm.dtype).mean())
+        (reads it: a sync on an accelerator)."""
+        m.read_values()
         return torch.tensor(self.judge(m), device=m.grad_norm.device)
 
     def observe(self, m: StepMeasurement, applied: bool, fired: bool) -> None:
