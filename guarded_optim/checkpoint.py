@@ -18,30 +18,28 @@ import torch
 from . import rng, validation
 from .distributed import check_world_size, resolve_group, world_size
 from .snapshot import SnapshotRing
+from .state import from_saved
 
 __all__ = ["STATE_VERSION", "guard_state", "fisher_source", "check_inner", "prepare",
            "check_signal_state"]
 
 STATE_VERSION = 2
-_DECISIONS = (None, "accept", "skip", "rollback")
 
 
 def guard_state(opt) -> dict[str, Any]:
     """``state_dict()["guard"]`` of ``opt``: plain data (see ``GuardedOptimizer.state_dict``)."""
-    loaded = isinstance(opt._pending, tuple)   # a loaded live-is-safe state, not yet captured
-    live = loaded or (opt._safe.captured and opt._live_is_safe and opt._pending is None)
-    step, meta = (opt._pending[1:] if loaded else (opt._safe.step, opt._safe.meta))
+    from .guard import LoadedLiveState
+    loaded = opt._pending if isinstance(opt._pending, LoadedLiveState) else None
+    live = loaded is not None or (opt._safe.captured and opt.step_state.live_is_safe
+                                  and opt._pending is None)
+    step, meta = (loaded.step, loaded.meta) if loaded is not None else (opt._safe.step, opt._safe.meta)
     return {
         "version": STATE_VERSION,
         "shapes": [list(p.shape) for g in opt.param_groups for p in g["params"]],
-        "t": opt._t, "yhat": opt.yhat, "y0": opt.y0,
-        "unverified": opt._unverified, "consecutive": opt._consecutive,
-        "since_push": opt._since_push, "last_decision": opt.last_decision,
-        "stats": dict(opt.stats),
+        **opt.step_state.saved(),
         "threshold": opt.threshold.state_dict(),
         "signals": {s.name: s.state_dict() for s in opt.signals},
-        "recovery": [a.state_dict() for a in opt.recovery], "in_row": opt._in_row,
-        "skips_in_row": opt._skips_in_row,
+        "recovery": [a.state_dict() for a in opt.recovery],
         "ladder": opt.ladder.state_dict(),
         "fisher": fisher_source(opt),
         "rng": rng.capture(),
@@ -120,6 +118,7 @@ def check_inner(opt, inner: dict[str, Any], key: str) -> None:
 
 def prepare(opt, saved: Any) -> Callable[[], None]:
     """Validate ``state_dict["guard"]`` and build its objects; return what commits them."""
+    from .guard import LoadedLiveState, Pending
     key = "state_dict['guard']"
     if not isinstance(saved, dict):
         raise TypeError(f"{key} must be a dict, got {type(saved).__name__}.")
@@ -136,31 +135,11 @@ def prepare(opt, saved: Any) -> Callable[[], None]:
                 f"state_dict does not match this optimizer's parameters: it was saved for "
                 f"shapes {saved['shapes']}, this optimizer has {shapes}; load a state_dict "
                 "saved from the same model and parameter groups.")
-        counters = {
-            attr: validation.integer(f"{key}[{name!r}]", saved[name], low=0)
-            for attr, name in (("_t", "t"), ("_unverified", "unverified"),
-                               ("_consecutive", "consecutive"), ("_since_push", "since_push"),
-                               ("_in_row", "in_row"))}
-        counters["_skips_in_row"] = validation.integer(   # absent before 0.2
-            f"{key}['skips_in_row']", saved.get("skips_in_row", 0), low=0)
-        for name in ("yhat", "y0"):
-            if saved[name] is not None:
-                counters[name] = validation.real(f"{key}[{name!r}]", saved[name])
-            else:
-                counters[name] = None
-        if opt.probe is not None and counters["yhat"] is None and opt._uses_snapshots \
-                and counters["_t"] > 0:
+        step_state = from_saved(saved, opt.stats, key)
+        if opt.probe is not None and step_state.yhat is None and opt._uses_snapshots \
+                and step_state.t > 0:
             raise ValueError(f"{key}['yhat'] is None but this guard has a probe: the "
                              "state was saved by a guard without one; build it alike.")
-        if saved["last_decision"] not in _DECISIONS:
-            raise ValueError(f"{key}['last_decision'] is {saved['last_decision']!r}; "
-                             f"expected one of {_DECISIONS}.")
-        stats = saved["stats"]
-        if not isinstance(stats, dict):
-            raise ValueError(f"{key}['stats'] must be a dict of counts.")
-        counters["stats"] = {**opt.stats, **{
-            str(k): validation.integer(f"{key}['stats'][{k!r}]", v, low=0) for k, v in stats.items()}}
-        counters["last_decision"], counters["last_event"] = saved["last_decision"], None
         missing = {s.name for s in opt.signals} - set(saved["signals"])
         if missing:
             raise ValueError(f"{key}['signals'] has no state for signals {sorted(missing)}; "
@@ -196,9 +175,9 @@ def prepare(opt, saved: Any) -> Callable[[], None]:
             meta = saved["safe_meta"]
             if not isinstance(meta, dict):
                 raise ValueError(f"{key}['safe_meta'] must be a dict.")
-            pending = ("capture", step, dict(meta))
+            pending = LoadedLiveState(step, dict(meta))
         elif opt._uses_snapshots:
-            pending = "reference"
+            pending = Pending.REFERENCE
         ring = SnapshotRing(opt._ring.capacity, opt._new_snapshot)
         for i, sd in enumerate(saved.get("ring", ())):
             safe.check_state_dict(sd, f"{key}['ring'][{i}]")
@@ -211,8 +190,8 @@ def prepare(opt, saved: Any) -> Callable[[], None]:
         opt.threshold, opt.signals, opt.recovery = threshold, signals, recovery
         opt.ladder = ladder
         opt._safe, opt._ring, opt._pending = safe, ring, pending
-        opt._live_is_safe = pending is not None and pending != "reference"
-        opt.__dict__.update(counters)
+        step_state.live_is_safe = isinstance(pending, LoadedLiveState)
+        opt.step_state = step_state
 
     return commit
 

@@ -28,11 +28,11 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
+from .outcome import DECISION_CODES
+
 __all__ = ["StepEvent", "DECISION_CODES", "event_scalars", "CSVSink", "TensorBoardSink",
            "LightningSink", "HFTrainerSink", "WandbSink", "MLflowSink"]
 
-#: the decision as an int, larger is worse (as :class:`~guarded_optim.signals.Verdict`)
-DECISION_CODES = {"accept": 0, "skip": 1, "rollback": 2}
 
 _MEASURED = ("y", "yhat", "innovation", "threshold", "grad_norm")
 

@@ -387,14 +387,14 @@ class HostFisher(FisherDiagonal):
     including the unverified ones between a probe-less guard's verifications. This tracker
     folds in ``p.grad`` only when the guard has just verified what that gradient touches:
 
-    * with a probe (``guard.probe`` set): when ``guard._unverified == 0`` at ``on_healthy``,
+    * with a probe (``guard.probe`` set): when ``guard.step_state.unverified == 0`` at ``on_healthy``,
       i.e. the step just applied was measured by the probe and accepted (every step with
       ``probe_every=1``; every ``probe_every``-th applied step otherwise). A gradient whose
       proposal is later rolled back never reaches ``F``.
-    * without a probe: when ``(guard._unverified - 1) % guard.probe_every == 0``. A guard
+    * without a probe: when ``(guard.step_state.unverified - 1) % guard.probe_every == 0``. A guard
       that verifies (post-step signals, by default every ``VERIFY_EVERY = 10`` applied steps)
       keeps ``1 <= _unverified <= probe_every`` at ``on_healthy``, so this is
-      ``_unverified == 1``: the first proposal from a verified state (just verified at this
+      ``unverified == 1``: the first proposal from a verified state (just verified at this
       step's start, or restored, or the reference), whose gradient was computed at that
       verified state and passed the pre-step signals (finite, no spike). A guard that
       never verifies (no FAILURE signal, no probe) keeps counting up, and the same rule is a
@@ -443,7 +443,7 @@ class HostFisher(FisherDiagonal):
     def verified_step(guard) -> bool:
         """Whether the step ``guard`` just applied counts as verified (see the class doc).
         Without the guard's counters (a bare object): every step."""
-        unverified = getattr(guard, "_unverified", None)
+        unverified = getattr(getattr(guard, "step_state", None), "unverified", None)
         if not isinstance(unverified, int):
             return True
         if getattr(guard, "probe", None) is not None:
@@ -520,9 +520,9 @@ class FisherDrift(RecoveryAction):
         if self.verifications % self.check_every:
             return False
         fisher = find_fisher(guard)
-        if not fisher.ready or guard._ring.capacity <= 0:
+        if not fisher.ready or guard.snapshot_history.capacity <= 0:
             return False
-        ring = list(guard._ring)
+        ring = list(guard.snapshot_history)
         if not ring:
             self.triggered += 1
             return True

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import enum
 import logging
 import math
 import warnings
@@ -44,26 +45,26 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
-from . import checkpoint, rng, validation
+from . import checkpoint, rng
+from .config import VERIFY_EVERY, configure
 from .distributed import AUTO, agree, agree_host, full_value, pack, resolve_group, world_size
 from .events import StepEvent
-from .innovation import FixedThreshold, RelativeThreshold, Threshold, accepts, ewma, innovation
-from .fisher import FisherDiagonal, default_fisher
+from .innovation import Threshold, accepts, ewma, innovation
 from .ladder import GuardStopped, Ladder, _plain_id
 from .logs import RateLimitedLog
-from .policy import Decision, RecoveryAction
-from .signals import StepMeasurement, Verdict, default_signals, global_grad_norm
+from .outcome import Action, Decision
+from .policy import RecoveryAction
+from .record import Reading, StepRecord, fired_names
+from .rules import PRE_PROPOSAL, Ruling
+from .signals import StepMeasurement, Verdict, global_grad_norm
 from .signals.base import host_judge
 from .signals.probe import ProbeError, call_probe, check_initial, probe_value
-from .snapshot import MODES, Snapshot, SnapshotRing
+from .snapshot import Snapshot, SnapshotRing
+from .state import StepState
 
 __all__ = ["GuardedOptimizer", "VERIFY_EVERY"]
 
-#: the default verification cadence of a guard without a probe (``probe_every=None``)
-VERIFY_EVERY = 10
 
-_COUNTERS = ("_t", "_unverified", "_consecutive", "_since_push", "_in_row", "_skips_in_row", "yhat",
-             "last_decision", "last_event", "_live_is_safe")
 def amp_unscale(grads: list[torch.Tensor], grad_scale: torch.Tensor) -> torch.Tensor:
     """Divide ``grads`` by ``grad_scale`` in place; return ``found_inf`` (1.0 if any is non-finite).
 
@@ -104,7 +105,6 @@ def _replay(loss: Any, closure: Callable | None) -> Callable | None:
     return cached
 
 
-
 @contextlib.contextmanager
 def _global_step_hooks_muted():
     """Run the inner optimizer's ``step`` without torch's global step hooks: they fire once
@@ -125,16 +125,6 @@ def _global_step_hooks_muted():
             h.clear()
             h.update(s)
             h.update(added)
-
-
-@dataclass
-class _Flags:
-    """One step's pre-proposal reading, agreed over the ranks (see ``_read_flags``)."""
-
-    fired: list[bool]        # pre-step signals, in order
-    state_fired: list[bool]  # post-step signals on the live, unverified state, in order
-    grad_norm: float         # mean over the ranks
-    overflow: bool           # GradScaler found inf/NaN on some rank
 
 
 def _try_probe(probe: Callable[[], Any], module: torch.nn.Module | None) -> tuple[Any, ProbeError | None]:
@@ -162,16 +152,41 @@ def _remote_probe_error() -> ProbeError:
                       "verified state (see that rank's error for the cause).")
 
 
-def _is_signal(x: Any) -> bool:
-    return callable(getattr(x, "measure", None)) and getattr(x, "phase", None) in ("before", "after")
+@dataclass(frozen=True)
+class Cadence:
+    """When the live state is verified: every ``every``-th applied step. With a probe the
+    probe measures that step's proposal; without one (``live``) the post-step signals
+    check the live state: right after the proposal when ``every > 1`` (its capture then
+    overlaps the next forward and backward), at the next step's start when ``every == 1``
+    (damage written between steps is then seen before anything is proposed on it)."""
+
+    every: int
+    probe: bool      # a probe measures proposals
+    live: bool       # no probe, and some signal can reject: the signals verify the live state
+
+    def measures(self, unverified: int) -> bool:
+        """With ``unverified`` applied steps since the verified state, the probe measures."""
+        return self.probe and unverified >= self.every
+
+    def due_at_start(self, unverified: int) -> bool:
+        return self.live and unverified >= self.every
+
+    def due_after_proposal(self, unverified: int) -> bool:
+        return self.every > 1 and self.due_at_start(unverified)
 
 
-def _is_threshold(x: Any) -> bool:
-    return callable(x) and callable(getattr(x, "update", None))
+class Pending(enum.Enum):
+    """What a construction or a load left for the first step to settle."""
+
+    REFERENCE = "reference"   #: the reference y(theta_0), re-taken if the weights were written
 
 
-def _is_action(x: Any) -> bool:
-    return isinstance(x, RecoveryAction) or callable(getattr(x, "on_rollback", None))
+@dataclass(frozen=True)
+class LoadedLiveState:
+    """A loaded checkpoint whose verified state is its live state: captured at the first step."""
+
+    step: int
+    meta: dict
 
 
 class GuardedOptimizer(Optimizer):
@@ -275,60 +290,12 @@ class GuardedOptimizer(Optimizer):
         ladder: Ladder | None = None,
         process_group: Any = AUTO,
     ):
-        if isinstance(optimizer, GuardedOptimizer):
-            raise TypeError("optimizer is already a GuardedOptimizer; wrap the inner optimizer once.")
-        validation.instance("optimizer", optimizer, lambda x: isinstance(x, Optimizer),
-                            "a torch.optim.Optimizer, e.g. torch.optim.AdamW(model.parameters())")
-        if probe is not None:
-            validation.instance("probe", probe, callable, "a zero-argument callable returning "
-                                "a scalar loss, e.g. probe=lambda: loss_fn(model(x_val), y_val)")
-        if module is not None:
-            validation.instance("module", module, lambda x: isinstance(x, torch.nn.Module),
-                                "a torch.nn.Module (the model)")
-        if epsilon is not None and threshold is not None:
-            raise ValueError("Pass either epsilon= (absolute) or threshold=, not both.")
-        if epsilon is not None:
-            epsilon = validation.real("epsilon", epsilon, low=0, low_open=True,
-                                      hint="e.g. epsilon=0.1, or None for the scale-aware default.")
-        if threshold is not None:
-            validation.instance("threshold", threshold, _is_threshold, "a threshold object "
-                                "such as RelativeThreshold() or FixedThreshold(0.1); for a "
-                                "number use epsilon=")
-        alpha = validation.real("alpha", alpha, low=0, high=1, low_open=True, high_open=True,
-                                hint="The EWMA factor, e.g. 0.1.")
-        probe_every = validation.integer("probe_every", probe_every, low=1, none=True,
-                                         hint="1 verifies every step.")
-        if probe_every is None:
-            probe_every = 1 if probe is not None else VERIFY_EVERY
-        max_consecutive_rejections = validation.integer(
-            "max_consecutive_rejections", max_consecutive_rejections, low=1, none=True,
-            hint="None never escalates.")
-        history = validation.integer("history", history, low=0, hint="0 keeps no older snapshot.")
-        checkpoint_every = validation.integer("checkpoint_every", checkpoint_every, low=1)
-        if not isinstance(save_history, bool):
-            raise ValueError(f"Invalid save_history: {save_history!r}; pass True or False.")
-        if snapshot not in MODES:
-            raise ValueError(f"Invalid snapshot: {snapshot!r}; choose one of {MODES}.")
-        signals = (default_signals(probe is not None) if signals is None else
-                   validation.items("signals", signals, _is_signal, "signal instances",
-                                    "[NonFinite(), GradientSpike()]"))
-        names = [s.name for s in signals]
-        if len(set(names)) != len(names):
-            raise ValueError(f"signals must have distinct names, got {names}.")
-        callbacks = validation.items("callbacks", callbacks, callable, "callables",
-                                     '[CSVSink("guard.csv")]')
-        recovery = validation.items("recovery", recovery, _is_action, "RecoveryAction instances",
-                                    "[ReduceLR()]")
-        if not any(isinstance(a, FisherDiagonal) for a in recovery):
-            tracker = default_fisher(optimizer)   # None where the inner keeps exp_avg_sq
-            if tracker is not None:               # (design card: a Fisher diagonal is saved)
-                recovery = [*recovery, tracker]   # last: the checkpoint loader relies on it
-        if ladder is not None:
-            validation.instance("ladder", ladder, lambda x: isinstance(x, Ladder),
-                                "a guarded_optim.Ladder, e.g. Ladder(on_exhausted='rebaseline')")
-        resolve_group(process_group)  # validates; resolved again at every use ("auto")
-        self._warn_on_mismatch(optimizer, probe, module, epsilon, threshold)
-
+        cfg = configure(optimizer, probe, module, epsilon=epsilon, threshold=threshold,
+                        alpha=alpha, probe_every=probe_every, signals=signals,
+                        max_consecutive_rejections=max_consecutive_rejections, history=history,
+                        checkpoint_every=checkpoint_every, save_history=save_history,
+                        snapshot=snapshot, callbacks=callbacks, recovery=recovery,
+                        ladder=ladder, process_group=process_group)
         self.process_group = process_group
         self.inner = optimizer
         self._initialising = True
@@ -336,18 +303,11 @@ class GuardedOptimizer(Optimizer):
             super().__init__(optimizer.param_groups, optimizer.defaults)
         finally:
             self._initialising = False
-
-        self.probe, self.module, self.alpha, self.probe_every = probe, module, alpha, probe_every
-        self.threshold: Threshold = (threshold if threshold is not None else
-                                     FixedThreshold(epsilon) if epsilon is not None else
-                                     RelativeThreshold())
-        self.signals = signals
-        self.max_consecutive_rejections = max_consecutive_rejections
-        self.checkpoint_every, self.save_history = checkpoint_every, save_history
-        self.callbacks = callbacks
-        self.recovery = recovery
-        self.ladder = ladder if ladder is not None else Ladder()
-        self._snapshot_mode = snapshot
+        self.probe, self.module, self.alpha, self.probe_every = probe, module, cfg.alpha, cfg.probe_every
+        self.threshold: Threshold = cfg.threshold
+        self.signals, self.callbacks, self.recovery = cfg.signals, cfg.callbacks, cfg.recovery
+        self.ladder: Ladder = cfg.ladder
+        self._snapshot_mode = cfg.snapshot
         self._ring = SnapshotRing(history, self._new_snapshot)
         self._log = RateLimitedLog()
         self._initial = copy.deepcopy((self.threshold.state_dict(),
@@ -356,29 +316,10 @@ class GuardedOptimizer(Optimizer):
                                        self.ladder.state_dict()))
         self._reset_guard_state()
 
-    @staticmethod
-    def _warn_on_mismatch(optimizer, probe, module, epsilon, threshold) -> None:
-        """Arguments that are valid but probably not what the user meant."""
-        if probe is None and (epsilon is not None or threshold is not None):
-            warnings.warn("epsilon/threshold bound the probe's innovation, but no probe was "
-                          "given, so they have no effect; pass probe=... or drop them.",
-                          UserWarning, stacklevel=3)
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        if module is not None and params:
-            owned = {id(p) for p in module.parameters()}
-            if not any(id(p) in owned for p in params):
-                warnings.warn("module= owns none of the optimizer's parameters: its buffers "
-                              "are snapshotted and its mode switched for the probe, but it is "
-                              "not the model being optimized; pass module=model.",
-                              UserWarning, stacklevel=3)
-        if probe is not None and any(g.get("maximize", False) for g in optimizer.param_groups):
-            warnings.warn("a param group has maximize=True, but the probe is lower-is-better: "
-                          "return the negated objective from probe (e.g. lambda: -reward()), "
-                          "or every improvement reads as a rejection.", UserWarning, stacklevel=3)
-
     def _new_snapshot(self) -> Snapshot:
         return Snapshot(self.inner, self.module, mode=self._snapshot_mode)
 
+    # -- what the guard is made of ----------------------------------------------------------
     @property
     def _pre(self) -> list:
         return [s for s in self.signals if s.phase == "before"]
@@ -391,6 +332,56 @@ class GuardedOptimizer(Optimizer):
     def _uses_snapshots(self) -> bool:
         """Rollback needs snapshots: a probe, or any signal that can issue FAILURE."""
         return self.probe is not None or any(s.verdict is Verdict.FAILURE for s in self.signals)
+
+    @property
+    def _cadence(self) -> Cadence:
+        probe = self.probe is not None
+        return Cadence(self.probe_every, probe, not probe and self._uses_snapshots)
+
+    @property
+    def max_consecutive_rejections(self) -> int | None:
+        return self.ladder.budget.limit
+
+    @property
+    def checkpoint_every(self) -> int:
+        return self.ladder.reach_back.checkpoint_every
+
+    @property
+    def save_history(self) -> bool:
+        return self.ladder.reach_back.save_history
+
+    # the step state (one record, :mod:`.state`) and the verified snapshots, read-only
+    @property
+    def yhat(self) -> float | None:
+        """EWMA of accepted probe measurements (the paper's reference)."""
+        return self.step_state.yhat
+
+    @property
+    def y0(self) -> float | None:
+        """The first probe measurement."""
+        return self.step_state.y0
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return self.step_state.stats
+
+    @property
+    def last_decision(self) -> str | None:
+        return self.step_state.last_decision
+
+    @property
+    def last_event(self) -> StepEvent | None:
+        return self.step_state.last_event
+
+    @property
+    def safe_snapshot(self) -> Snapshot:
+        """The last verified state (what a rollback restores)."""
+        return self._safe
+
+    @property
+    def snapshot_history(self) -> SnapshotRing:
+        """Older verified states (``history``), newest last."""
+        return self._ring
 
     def _accelerator(self) -> torch.device | None:
         """The device of the first parameter not on the CPU (where NCCL reduces), if any."""
@@ -432,32 +423,18 @@ class GuardedOptimizer(Optimizer):
             a.load_state_dict(sd)
         self._ring.drop_from(-1)
         self._safe = self._new_snapshot()
-        self._reset_counters()
-        self._pending: str | None = "reference"   # what the next step() must settle first
+        self.step_state = StepState.fresh(self._stat_names())
+        self._pending: Pending | LoadedLiveState | None = Pending.REFERENCE
         if self._uses_snapshots and not self._on_meta():
             self._take_reference()
 
-    def _reset_counters(self) -> None:
-        self.yhat: float | None = None     #: EWMA of accepted probe measurements
-        self.y0: float | None = None       #: the first probe measurement
-        self.last_decision: str | None = None
-        self.last_event: StepEvent | None = None
-        self._t = 0                        # completed calls of step()
-        self._unverified = 0               # applied steps since the last verified state
-        self._consecutive = 0              # rejections in a row
-        self._since_push = 0               # accepted measurements since the last ring push
-        self._in_row = 0                   # rollbacks since the last healthy applied step
-        self._skips_in_row = 0             # overrulable skips since the last applied step
-        self._live_is_safe = True          # the live state equals the safe snapshot
-        self._restores = 0                 # restores of the safe snapshot, ever
-        self.stats: dict[str, int] = {
-            "steps": 0, "accepted": 0, "rollbacks": 0, "skipped": 0, "measured": 0,
-            "escalations": 0, "rebaselines": 0, "escapes": 0, "skipped_amp_overflow": 0,
-            "reruns": 0, "transient": 0, "persistent": 0, "quarantined": 0,
-            "skipped_quarantined": 0, "stops": 0, "overruled": 0, "batch_loss_spikes": 0,
-            **{f"skipped_{s.name}": 0 for s in self.signals if s.verdict is Verdict.SKIP},
-            **{f"failures_{s.name}": 0 for s in self.signals if s.verdict is Verdict.FAILURE},
-        }
+    def _stat_names(self) -> list[str]:
+        return ["steps", "accepted", "rollbacks", "skipped", "measured", "escalations",
+                "rebaselines", "escapes", "skipped_amp_overflow", "reruns", "transient",
+                "persistent", "quarantined", "skipped_quarantined", "stops", "overruled",
+                "batch_loss_spikes",
+                *(f"skipped_{s.name}" for s in self.signals if s.verdict is Verdict.SKIP),
+                *(f"failures_{s.name}" for s in self.signals if s.verdict is Verdict.FAILURE)]
 
     # -- the inner optimizer's attributes are the guard's ---------------------------------
     @property
@@ -517,7 +494,7 @@ class GuardedOptimizer(Optimizer):
         model, give the copy its own (``copy.probe = ...``)."""
         new = type(self).__new__(type(self))
         memo[id(self)] = new
-        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        new.__setstate__(copy.deepcopy(self.__dict__, memo))
         if self.probe is not None and new.probe is self.probe:
             warnings.warn("copy.deepcopy(guard): the copy shares the original's probe function; "
                           "if it evaluates the original model, set copy.probe to one that "
@@ -552,18 +529,18 @@ class GuardedOptimizer(Optimizer):
             if self._on_meta():
                 with _global_step_hooks_muted():
                     loss = self.inner.step(closure)
-                event = None
+                rec = None
             else:
-                loss, event = self._transaction(closure, _batch_id(batch_id))
+                loss, rec = self._transaction(closure, _batch_id(batch_id))
             self._optimizer_step_code()
-        if event is None or event.decision == Decision.ACCEPT.value:
+        if rec is None or rec.event.decision == Decision.ACCEPT.value:
             for hook in (*self._optimizer_step_post_hooks.values(), *_global_optimizer_post_hooks.values()):
                 hook(self, args, kwargs)
-        if event is not None:
+        if rec is not None:
             for callback in self.callbacks:   # the step is committed: an error here undoes nothing
-                callback(event)
-            if event.action and "stop" in event.action.split(","):
-                raise GuardStopped(self._stop_message(event))
+                callback(rec.event)
+            if Action.STOP in rec.actions:
+                raise GuardStopped(self._stop_message(rec.event))
         return loss
 
     # torch.compile of a loop that calls step() graph-breaks here instead of tracing (and
@@ -571,10 +548,9 @@ class GuardedOptimizer(Optimizer):
     step = torch._disable_dynamo(step)
     step.hooked = True  # type: ignore[attr-defined]  # hooks run above, post-hooks on accept only
 
-    def _transaction(self, closure: Callable | None, batch_id: Any) -> tuple[Any, StepEvent]:
+    def _transaction(self, closure: Callable | None, batch_id: Any) -> tuple[Any, StepRecord]:
         """One guarded step that either completes or leaves the guard as it was."""
-        saved = {k: getattr(self, k) for k in _COUNTERS}, dict(self.stats)
-        restores = self._restores
+        before = self.step_state.copy()
         try:
             self._settle_pending()   # before the closure's forward moves anything
             loss, rng_before = None, None
@@ -585,110 +561,68 @@ class GuardedOptimizer(Optimizer):
                     loss = closure()
             return loss, self._guarded_step(loss, closure, batch_id, rng_before)
         except BaseException:
-            self.__dict__.update(saved[0])
-            self.stats = saved[1]
-            if self._restores != restores:   # the failed call rolled back to the verified state
-                self._unverified, self._live_is_safe = 0, True
+            failed, self.step_state = self.step_state, before
+            if failed.restores != before.restores:   # it rolled back: the live state is verified
+                before.unverified, before.live_is_safe = 0, True
             raise
 
-    def _guarded_step(self, loss: Any, closure: Callable | None, batch_id: Any = None,
-                      rng_before: dict | None = None) -> StepEvent:
-        t = self._t
-        pre, post = self._pre, self._post
+    def _guarded_step(self, loss: Any, closure: Callable | None, batch_id: Any,
+                      rng_before: dict | None) -> StepRecord:
+        """One step, its phases in order (docs/architecture.md shows them as data flow)."""
+        rec = self._read_before(loss, batch_id)       # 1. one transfer: flags, norm, overflow
+        if rec.damaged:                               # 2. the live state itself is damaged
+            self._learn(rec.pre, rec.m, False, rec.reading.fired)
+            return self._reject(rec, rec.damaged)
+        self._learn(rec.checked, rec.m, True, rec.reading.state_fired)
+        if self._cadence.due_at_start(self.step_state.unverified):
+            self._verify(rec.t)                       #    the flags just read verified it
+        for rule in PRE_PROPOSAL:                     # 3. overflow, quarantine, signals
+            ruling = rule(self, rec)
+            if ruling is not None:
+                return self._skip(rec, ruling)
+        self._safe.wait()                             # 4. propose
+        for a in self.recovery:
+            a.before_propose(self, rec.m.grad_norm)
+        self._propose(rec, loss, closure)
+        if not self._cadence.measures(self.step_state.unverified):
+            return self._accept_unmeasured(rec)       # 5a. provisional until verified
+        self._measure_proposal(rec)                   # 5b. probe + post-step flags
+        self._learn(rec.pre, rec.m, not rec.reasons,
+                    [False] * len(rec.pre) if rec.overruled and not rec.reasons
+                    else rec.reading.fired)
+        if self.ladder.rerun is not None and self.ladder.rerun.applies(self, rec, rng_before):
+            self.ladder.rerun.run(self, rec, closure, rng_before)   # rung 2
+        if rec.reasons:                               # 6. decide
+            return self._reject(rec, rec.reasons)
+        return self._accept_measured(rec)
 
-        # 1. measure before proposing (and, while proposals are unverified, the live state's
-        #    health with the post-step signals): one host transfer for every flag
+    # -- the phases ----------------------------------------------------------------------------
+    def _read_before(self, loss: Any, batch_id: Any) -> StepRecord:
+        """Phase 1: the pre-step signals and, when the cadence asks, the post-step signals on
+        the live state; the gradient norm; GradScaler's overflow. One transfer (a second
+        one only when a pre-step signal fires on unverified steps: they are checked now)."""
+        st = self.step_state
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         overflow = self._amp_unscale(grads)   # GradScaler's found_inf (None without AMP)
-        m = StepMeasurement(t, full_value(global_grad_norm(grads)),
+        m = StepMeasurement(st.t, full_value(global_grad_norm(grads)),
                             loss if isinstance(loss, torch.Tensor) else None, self.inner)
-        device, group = m.grad_norm.device, resolve_group(self.process_group)
-        checked = post if self._needs_verification_capture() else []   # verify theta_t now
-        flags = self._read_flags(m, pre, checked, overflow, group)
-        if self._unverified and not checked and any(flags.fired):   # a warning: verify now
-            checked = post
-            flags.state_fired = self._read_flags(m, [], checked, None, group).state_fired
-        if self._batch_explains(pre, flags.fired):   # theta_t is verified: the batch is new
-            flags.fired = [f and s.verdict is not Verdict.FAILURE for s, f in zip(pre, flags.fired)]
-        fired, state_fired = flags.fired, flags.state_fired
-        event = StepEvent(t, Decision.SKIP.value, grad_norm=flags.grad_norm, batch_id=batch_id,
-                          signals={s.name: f for s, f in zip(pre + checked, fired + state_fired)})
+        group, pre = resolve_group(self.process_group), self._pre
+        checked = self._post if self._cadence.due_at_start(st.unverified) else []
+        reading = self._read(m, pre, checked, overflow, group)
+        if st.unverified and not checked and any(reading.fired):   # a warning: verify now
+            checked = self._post
+            reading.state_fired = self._read(m, [], checked, None, group).state_fired
+        if self._batch_explains(pre, reading.fired):   # theta_t is verified: the batch is new
+            reading.fired = [f and s.verdict is not Verdict.FAILURE for s, f in zip(pre, reading.fired)]
+        event = StepEvent(st.t, Decision.SKIP.value, grad_norm=reading.grad_norm, batch_id=batch_id,
+                          signals={s.name: f for s, f in zip(pre + checked,
+                                                              reading.fired + reading.state_fired)})
+        return StepRecord(m, group, pre, checked, reading, event, batch_id)
 
-        damaged = [s.name for s, f in zip(checked, state_fired) if f]
-        damaged += [s.name for s, f in zip(pre, fired) if f and s.verdict is Verdict.FAILURE]
-        if damaged:               # the unverified proposals damaged the state (or theta_t is bad)
-            self._observe(pre, m, False, fired)
-            return self._fail(damaged, None, event)
-        self._observe(checked, m, True, state_fired)
-        if self._needs_verification_capture():
-            self._verify(t)       # no probe: the flags just read verified the live state
-        if flags.overflow:        # GradScaler's inf/NaN: its own skip; signals learn nothing
-            self.stats["skipped_amp_overflow"] += 1
-            return self._skip("amp_overflow", event)
-        if batch_id is not None and batch_id in self.ladder.quarantine:
-            self.stats["skipped_quarantined"] += 1
-            return self._skip("quarantined", event)
-        names = [s.name for s, f in zip(pre, fired) if f]
-        overruled = bool(names) and self._overrules(pre, fired)
-        if names and not overruled:
-            self._observe(pre, m, False, fired)
-            for name in names:
-                self.stats[f"skipped_{name}"] += 1
-            self._skips_in_row += 1
-            return self._skip(",".join(names), event)
-        if overruled:             # the probe decides this flagged step (.ladder, rung 1)
-            self.stats["overruled"] += 1
-            event.action, self._skips_in_row = "overrule", 0
-            m.flagged = True
-
-        # 2. propose
-        self._safe.wait()
-        for a in self.recovery:
-            a.before_propose(self, m.grad_norm)
-        self._propose(_replay(loss, closure))
-        self._unverified += 1
-        self._live_is_safe = False
-        if self.probe is None or self._unverified < self.probe_every:
-            self._observe(pre, m, True, fired)
-            if self.probe_every > 1 and self._needs_verification_capture():   # see _check_live
-                damaged = self._check_live(m, group, event)
-                if damaged:
-                    return self._fail(damaged, None, event)
-                self._verify(t + 1)   # the copy overlaps the next forward and backward
-            self._healthy()
-            self.stats["accepted"] += 1   # provisional until a verification
-            return self._finish(Decision.ACCEPT, event)
-
-        # 3. measure the proposal: probe and post-step flags in one transfer
-        y, nu, eps, after, post_fired, reasons = self._measure_proposal(m, group, device, event)
-
-        # 4. decide; references learn only from the proposals that are kept (an overruled
-        #    step that is kept is an ordinary one to them)
-        self._observe(pre, m, not reasons, [False] * len(fired) if overruled and not reasons
-                      else fired)
-        self._observe(post, after, not reasons, post_fired)
-        if reasons and rng_before is not None and self._unverified == 1:
-            kind, remeasured = self._rerun(m, closure, rng_before, group, device, event)
-            event.action = f"rerun:{kind}"
-            if kind == "transient":
-                y, nu, eps = remeasured
-                reasons = []
-            elif batch_id is not None:
-                self._quarantine(batch_id, event)
-        if reasons:
-            return self._fail(reasons, y, event)
-        self.yhat = ewma(self.yhat, y, self.alpha)   # accepted: Algorithm 1, lines 9-12
-        self.threshold.update(nu)
-        self._consecutive = 0
-        self._verify(t + 1)
-        self._healthy()
-        self.stats["accepted"] += 1
-        return self._finish(Decision.ACCEPT, event)
-
-    def _read_flags(self, m: StepMeasurement, pre: list, checked: list,
-                    overflow: torch.Tensor | None, group: Any) -> "_Flags":
-        """The pre-step flags, the live state's post-step flags, the gradient norm and
-        GradScaler's overflow: packed, agreed over the ranks, read in one transfer."""
+    def _read(self, m: StepMeasurement, pre: list, checked: list,
+              overflow: torch.Tensor | None, group: Any) -> Reading:
+        """The readout of a reading: the pre-step flags, the live state's post-step flags,
+        the gradient norm and GradScaler's overflow, packed and agreed over the ranks."""
         device, dtype = m.grad_norm.device, m.grad_norm.dtype   # float64 (float32 on MPS)
         signals = pre + checked
         on_host = [host_judge(s) for s in signals]   # judged from the values read
@@ -702,104 +636,144 @@ class GuardedOptimizer(Optimizer):
         else:
             parts += [(t.reshape(1).to(device, dtype) if t is not None else m.grad_norm.new_zeros(1))
                       for t in (loss, overflow)]
-        values = agree(pack(parts), [k, k + 1], group, self._accelerator).tolist()
+        values = self._readout(parts, [k, k + 1], group)
         m.grad_norm_value = values[k]
         m.loss_value = values[k + 1] if loss is not None else None
         measured = iter(values[:k])
         fired = [judge(m) if judge is not None else bool(next(measured)) for judge in on_host]
-        return _Flags(fired=fired[:len(pre)], state_fired=fired[len(pre):],
-                      grad_norm=values[k], overflow=bool(values[-1]))
+        return Reading(fired=fired[:len(pre)], state_fired=fired[len(pre):],
+                       grad_norm=values[k], overflow=bool(values[-1]))
 
-    def _measure_proposal(self, m: StepMeasurement, group: Any, device: torch.device,
-                          event: StepEvent) -> tuple:
-        """Probe and post-step flags of the live proposal, agreed over the ranks in one
-        transfer; returns ``(y, nu, epsilon, measurement, post flags, reasons to reject)``."""
-        post = self._post
-        after = m.after_proposal()
-        post_flags = [s.measure(after) for s in post]
-        raw, error = _try_probe(self.probe, self.module)
-        parts = [torch.as_tensor(raw).detach().to(device, torch.float64).reshape(1)]
-        parts += [f.to(device, torch.float64).reshape(1) for f in post_flags]
-        parts.append(torch.full((1,), float(error is not None), dtype=torch.float64, device=device))
-        values = agree(pack(parts), [0], group, self._accelerator).tolist()  # probe mean, flags any-rank
-        if values.pop():   # the probe raised on some rank: every rank restores and raises
-            self._restore()  # never leave an unmeasured proposal behind
-            raise error or _remote_probe_error()
-        y, post_fired = values[0], [bool(v) for v in values[1:]]
-        event.signals.update((s.name, f) for s, f in zip(post, post_fired))
-        self.stats["measured"] += 1
-        nu, eps = innovation(y, self.yhat), self.threshold(self.yhat)
-        event.y, event.yhat, event.innovation, event.threshold = y, self.yhat, nu, eps
-        reasons = [s.name for s, f in zip(post, post_fired) if f]
-        reasons += [] if accepts(nu, eps) else ["probe"]
-        return y, nu, eps, after, post_fired, reasons
+    def _readout(self, parts: list[torch.Tensor], means: list[int], group: Any) -> list[float]:
+        """The one readout path: pack, agree over the ranks (``means`` averaged, the rest
+        summed), one host transfer."""
+        return agree(pack(parts), means, group, self._accelerator).tolist()
 
-    def _rerun(self, m: StepMeasurement, closure: Callable, rng_before: dict,
-               group: Any, device: torch.device, event: StepEvent) -> tuple[str, tuple | None]:
-        """Rung 2 (:mod:`.ladder`): from the verified state, evaluate the closure again on the
-        same batch and the same RNG draws, and measure its proposal. ``("transient",
-        (y, nu, eps))`` if that passes (it is then live); ``("persistent", None)`` if it is
-        rejected too (the verified state is then live)."""
-        self.stats["reruns"] += 1
-        self._restore()
-        rng_after = rng.capture()
-        rng.restore(rng_before)
-        try:
-            with torch.enable_grad():
-                loss2 = closure()
-        finally:
-            rng.restore(rng_after)   # the data stream goes on from the first run
-        self._propose(_replay(loss2, closure))
-        self._unverified, self._live_is_safe = 1, False
-        y, nu, eps, after, post_fired, reasons = self._measure_proposal(m, group, device, event)
-        self._observe(self._post, after, not reasons, post_fired)
-        if not reasons:
-            self.stats["transient"] += 1
-            return "transient", (y, nu, eps)
-        self._restore()
-        self.stats["persistent"] += 1
-        return "persistent", None
+    def _check_live(self, m: StepMeasurement, group: Any) -> list[bool]:
+        """The post-step signals on the live state (a reading of their own); they learn
+        from it: kept when none fired."""
+        fired = self._read(m, [], self._post, None, group).state_fired
+        self._learn(self._post, m, not any(fired), fired)
+        return fired
 
-    def _quarantine(self, batch_id: Any, event: StepEvent) -> None:
-        """Rung 4: remember a batch whose rejection was persistent."""
-        if self.ladder.quarantine.add(batch_id):
-            self.stats["quarantined"] += 1
-
-    def _propose(self, closure: Callable | None) -> None:
-        """``inner.step()``, with the recovery actions' LR scale applied around it only."""
+    def _propose(self, rec: StepRecord, loss: Any, closure: Callable | None) -> None:
+        """Phase 4: ``inner.step()``, with the recovery actions' LR scale applied around it
+        only; the live state is then one more step from the verified one."""
         scale = math.prod(a.lr_scale() for a in self.recovery)
         base = [g["lr"] for g in self.param_groups] if scale != 1.0 else []
         for g, lr in zip(self.param_groups, base):
             g["lr"] = lr * scale
         try:
             with _global_step_hooks_muted():
-                self.inner.step(closure)
+                self.inner.step(_replay(loss, closure))
         finally:
             for g, lr in zip(self.param_groups, base):
                 g["lr"] = lr
+        self.step_state.unverified += 1
+        self.step_state.live_is_safe = False
 
-    def _check_live(self, m: StepMeasurement, group: Any, event: StepEvent) -> list[str]:
-        """Without a probe and with ``probe_every=k > 1``: the post-step signals on the
-        live state right after the k-th unverified proposal (a second transfer, on every
-        k-th step only), so its capture is issued at once and overlaps the next step's
-        forward and backward instead of sitting before its ``inner.step()``. With ``k=1``
-        the check stays at the next step's start, in the transfer that step makes anyway
-        (damage written between steps is then seen before anything is proposed on it).
-        Returns the signals that fired."""
-        post, after = self._post, m.after_proposal()
-        fired = self._read_flags(after, [], post, None, group).state_fired
-        event.signals.update((s.name, f) for s, f in zip(post, fired))
-        self._observe(post, after, not any(fired), fired)
-        return [s.name for s, f in zip(post, fired) if f]
+    def _measure_proposal(self, rec: StepRecord) -> None:
+        """Phase 5b: probe and post-step flags of the live proposal, agreed over the ranks
+        in one transfer, into ``rec`` (``y``, ``nu``, ``reasons``); the post-step signals
+        learn from it."""
+        post, after = self._post, rec.m.after_proposal()
+        post_flags = [s.measure(after) for s in post]
+        raw, error = _try_probe(self.probe, self.module)
+        parts = [torch.as_tensor(raw).detach().to(rec.device, torch.float64).reshape(1)]
+        parts += [f.to(rec.device, torch.float64).reshape(1) for f in post_flags]
+        parts.append(torch.full((1,), float(error is not None), dtype=torch.float64, device=rec.device))
+        values = self._readout(parts, [0], rec.group)   # probe mean, flags any-rank
+        if values.pop():   # the probe raised on some rank: every rank restores and raises
+            self._restore()  # never leave an unmeasured proposal behind
+            raise error or _remote_probe_error()
+        st, y, post_fired = self.step_state, values[0], [bool(v) for v in values[1:]]
+        rec.event.signals.update((s.name, f) for s, f in zip(post, post_fired))
+        st.stats["measured"] += 1
+        nu, eps = innovation(y, st.yhat), self.threshold(st.yhat)
+        rec.event.y, rec.event.yhat, rec.event.innovation, rec.event.threshold = y, st.yhat, nu, eps
+        rec.y, rec.nu, rec.after, rec.post_fired = y, nu, after, post_fired
+        rec.reasons = fired_names(post, post_fired) + ([] if accepts(nu, eps) else ["probe"])
+        self._learn(post, after, not rec.reasons, post_fired)
 
-    def _overrules(self, pre: list, fired: list[bool]) -> bool:
-        """Whether the probe decides this flagged step instead of skipping it: a probe
-        measures it, the ladder allows it, the skip streak is long enough, and every signal
-        that fired judges scale (``overrulable``), not validity."""
-        return (self.probe is not None and self.ladder.overrule is not None
-                and self._unverified + 1 >= self.probe_every
-                and self._skips_in_row >= self.ladder.overrule
-                and all(getattr(s, "overrulable", False) for s, f in zip(pre, fired) if f))
+    def _accept_unmeasured(self, rec: StepRecord) -> StepRecord:
+        """Phase 5a: applied, verified later (with ``probe_every=k > 1`` and no probe, the
+        k-th proposal is checked right here, so its capture overlaps the next forward and
+        backward instead of sitting before the next ``inner.step()``)."""
+        self._learn(rec.pre, rec.m, True, rec.reading.fired)
+        if self._cadence.due_after_proposal(self.step_state.unverified):
+            fired = self._check_live(rec.m.after_proposal(), rec.group)
+            rec.event.signals.update((s.name, f) for s, f in zip(self._post, fired))
+            if any(fired):
+                return self._reject(rec, fired_names(self._post, fired))
+            self._verify(rec.t + 1)
+        return self._accept(rec)
+
+    def _accept_measured(self, rec: StepRecord) -> StepRecord:
+        """Algorithm 1, lines 9-12: the reference learns ``y``; the proposal is verified."""
+        st = self.step_state
+        st.yhat = ewma(st.yhat, rec.y, self.alpha)
+        self.threshold.update(rec.nu)
+        st.consecutive = 0
+        self._verify(rec.t + 1)
+        return self._accept(rec)
+
+    def _accept(self, rec: StepRecord) -> StepRecord:
+        st = self.step_state
+        st.in_row = st.skips_in_row = 0
+        for a in self.recovery:
+            a.on_healthy(self)
+        st.stats["accepted"] += 1   # provisional until a verification, on an unmeasured step
+        return self._finish(rec, Decision.ACCEPT)
+
+    def _skip(self, rec: StepRecord, ruling: Ruling) -> StepRecord:
+        """Decided before the proposal: nothing applied, nothing restored."""
+        for name in ruling.counters:
+            self.step_state.stats[name] += 1
+        self.step_state.stats["skipped"] += 1
+        rec.reasons = list(ruling.reasons)
+        return self._finish(rec, Decision.SKIP)
+
+    def _reject(self, rec: StepRecord, reasons: list[str]) -> StepRecord:
+        """FAILURE (a post-step signal, a pre-step loss spike) or a rejected probe: roll back
+        (the ladder's budget may escalate), then the recovery actions act."""
+        st = self.step_state
+        st.stats["rollbacks"] += 1
+        for name in reasons:
+            if name != "probe":
+                st.stats[f"failures_{name}"] += 1
+        rec.reasons = list(reasons)
+        for a in self.recovery:   # e.g. an importance blend reads the rejected values
+            a.before_rollback(self)
+        done = [self.ladder.budget.on_rejection(self, rec.y)]
+        st.in_row += 1
+        for a in self.recovery:
+            done.append(a.on_rollback(self, st.in_row))
+            if done[-1] is not None:
+                st.live_is_safe = False   # an action may have moved the restored weights
+            if done[-1] == Action.ESCAPE:
+                st.stats["escapes"] += 1
+                rec.event.skip_batches = max(rec.event.skip_batches, getattr(a, "skip_batches", 0))
+        rec.actions += [d for d in done if d]
+        return self._finish(rec, Decision.ROLLBACK)
+
+    def _finish(self, rec: StepRecord, decision: Decision) -> StepRecord:
+        """Commit the step: its counters, its event, and its log record."""
+        st = self.step_state
+        event = rec.close(decision)
+        st.t += 1
+        st.stats["steps"] += 1
+        st.last_decision, st.last_event = decision.value, event
+        if decision is not Decision.ACCEPT:
+            self._log_event(rec)
+        return rec
+
+    # -- what the phases share ---------------------------------------------------------------
+    @staticmethod
+    def _learn(signals: list, m: StepMeasurement, kept: bool, fired: list[bool]) -> None:
+        """Signals learn from a reading once the state it judged is decided: ``kept`` when
+        that state (or the step it gates) stays. Never on a failed call."""
+        for s, f in zip(signals, fired):
+            s.observe(m, kept, f)
 
     def _batch_explains(self, pre: list, fired: list[bool]) -> bool:
         """Whether a pre-step FAILURE (a training-loss spike) fired on a live state that is
@@ -812,96 +786,53 @@ class GuardedOptimizer(Optimizer):
         the parameters, only when such a spike fires."""
         if not any(f and s.verdict is Verdict.FAILURE for s, f in zip(pre, fired)):
             return False
-        if not (self._live_is_safe and self._uses_snapshots):
+        if not (self.step_state.live_is_safe and self._uses_snapshots):
             return False
         if self._agreed(self._safe.written_since_capture() or not self._safe.matches_live_params()):
             return False          # the live state was written since it was verified
-        self.stats["batch_loss_spikes"] += 1
+        self.step_state.stats["batch_loss_spikes"] += 1
         self._log("batch", logging.DEBUG, "step %d: training-loss spike on the verified state: "
-                  "the batch differs, nothing to roll back", self._t)
+                  "the batch differs, nothing to roll back", self.step_state.t)
         return True
-
-    def _healthy(self) -> None:
-        self._in_row = 0
-        self._skips_in_row = 0
-        for a in self.recovery:
-            a.on_healthy(self)
-
-    @property
-    def _checks_live_state(self) -> bool:
-        """Without a probe, the post-step signals verify the live state (between steps)."""
-        return self.probe is None and self._uses_snapshots
-
-    def _needs_verification_capture(self) -> bool:
-        return self._checks_live_state and self._unverified >= self.probe_every
 
     def _verify(self, step: int) -> None:
         """The live state is verified: it becomes the safe snapshot (and now and then a ring entry)."""
-        self._unverified = 0
-        self._safe.capture(step, yhat=self.yhat)
-        self._live_is_safe = True
-        self._since_push += 1
-        if self._since_push >= self.checkpoint_every or self._agreed(
+        st = self.step_state
+        st.unverified = 0
+        self._safe.capture(step, yhat=st.yhat)
+        st.live_is_safe = True
+        st.since_push += 1
+        if st.since_push >= self.checkpoint_every or self._agreed(
                 any(a.wants_checkpoint(self) for a in self.recovery)):
             self._ring.push(self._safe)
-            self._since_push = 0
+            st.since_push = 0
 
     def _restore(self) -> None:
         """Put the safe snapshot back into the live state (RNG streams are left alone)."""
         self._safe.restore()
-        self._unverified = 0
-        self._live_is_safe = True
-        self._restores += 1
-
-    def _skip(self, reason: str, event: StepEvent) -> StepEvent:
-        self.stats["skipped"] += 1
-        event.reason = reason
-        return self._finish(Decision.SKIP, event)
-
-    def _fail(self, reasons: list[str], y: float | None, event: StepEvent) -> StepEvent:
-        """FAILURE (a post-step signal, a pre-step loss spike) or a rejected probe: roll back."""
-        self.stats["rollbacks"] += 1
-        for name in reasons:
-            if name != "probe":
-                self.stats[f"failures_{name}"] += 1
-        event.reason = ",".join(reasons)
-        for a in self.recovery:   # e.g. an importance blend reads the rejected values
-            a.before_rollback(self)
-        actions = [self._rollback(y)]
-        self._in_row += 1
-        for a in self.recovery:
-            actions.append(a.on_rollback(self, self._in_row))
-            if actions[-1] is not None:
-                self._live_is_safe = False   # an action may have moved the restored weights
-            if actions[-1] == "escape":
-                self.stats["escapes"] += 1
-                event.skip_batches = max(event.skip_batches, getattr(a, "skip_batches", 0))
-        if event.action:   # what the ladder did before the rollback (a re-run)
-            actions.insert(0, event.action)
-        if event.action and event.action.endswith("persistent") and event.batch_id is not None:
-            actions.insert(1, "quarantine")
-        event.action = ",".join(a for a in actions if a) or None
-        return self._finish(Decision.ROLLBACK, event)
+        st = self.step_state
+        st.unverified, st.live_is_safe = 0, True
+        st.restores += 1
 
     def _settle_pending(self) -> None:
         """What a construction or a load left for the first step, before its forward pass:
         the reference (re-measured if the weights were written since it was taken), or the
         capture of a loaded checkpoint's live state as the safe snapshot."""
         pending, self._pending = self._pending, None
-        if pending == "reference" and self._uses_snapshots and self._agreed(
+        if pending is Pending.REFERENCE and self._uses_snapshots and self._agreed(
                 self._safe.written_since_capture() or (self.probe is not None and self.yhat is None)):
             self._take_reference()
-        elif pending is not None and pending != "reference":   # ("capture", step, meta)
-            _, step, meta = pending
-            self._safe.capture(step, **meta)
-            self._live_is_safe = True
+        elif isinstance(pending, LoadedLiveState):
+            self._safe.capture(pending.step, **pending.meta)
+            self.step_state.live_is_safe = True
 
     def _take_reference(self) -> None:
         """Algorithm 1, lines 2-3: ``yhat_0 = y(theta_0)`` (with a probe); theta_safe <- theta_0."""
+        st = self.step_state
         if self.probe is not None:
-            self.y0 = self.yhat = check_initial(self._measure_probe())
-        self._safe.capture(self._t, yhat=self.yhat)
-        self._live_is_safe = True
+            st.y0 = st.yhat = check_initial(self._measure_probe())
+        self._safe.capture(st.t, yhat=st.yhat)
+        st.live_is_safe = True
 
     def _measure_probe(self) -> float:
         """One probe measurement outside the step's transfer, averaged over the ranks; a probe
@@ -926,46 +857,7 @@ class GuardedOptimizer(Optimizer):
             found_inf = found if found_inf is None else found_inf.to(found.device) + found
         return found_inf
 
-    @staticmethod
-    def _observe(signals, m: StepMeasurement, applied: bool, fired: list[bool]) -> None:
-        """Signals update their state once the step is decided (never on a failed call)."""
-        for s, f in zip(signals, fired):
-            s.observe(m, applied, f)
-
-    def _rollback(self, y: float | None) -> str | None:
-        """Restore the safe snapshot; escalate when rejections keep coming. Returns the action."""
-        self._consecutive += 1
-        limit = self.max_consecutive_rejections
-        if limit is None or self._consecutive < limit:
-            self._restore()
-            return None
-        self._consecutive = 0
-        older = self._ring.newest_before(self._safe.step)
-        if older is not None:      # reach back past damage accepted earlier
-            self._ring.drop_from(older.step + 1)
-            self._safe.copy_from(older)
-            self.yhat = older.meta["yhat"]
-            self.stats["escalations"] += 1
-            self._restore()
-            return "escalate"
-        self._restore()
-        if self.ladder.on_exhausted == "raise" and y is not None:
-            self.stats["stops"] += 1   # the probe kept rejecting: stop, accept nothing
-            return "stop"
-        if y is None:              # nowhere older to go: the signals learn the new level
-            for sig in self.signals:
-                getattr(sig, "rebase", lambda: None)()
-        else:                      # nowhere older to go: accept the new level of y
-            if not math.isfinite(y):
-                y = self._measure_probe()
-                if not math.isfinite(y):
-                    raise ProbeError(
-                        f"probe returned {y} even at the last accepted state, where it was "
-                        "finite before: the probe itself is broken (state was rolled back).")
-            self.yhat = y
-        self.stats["rebaselines"] += 1
-        return "rebaseline"
-
+    # -- what the user reads -----------------------------------------------------------------
     def _stop_message(self, e: StepEvent) -> str:
         return (f"GuardedOptimizer stopped at step {e.step}: {self.max_consecutive_rejections} "
                 f"proposals in a row were rejected ({e.reason}), and no older verified state is "
@@ -976,17 +868,12 @@ class GuardedOptimizer(Optimizer):
                 "(history=N), or accept the new level with ladder=Ladder(on_exhausted="
                 f"'rebaseline'). stats: { {k: v for k, v in self.stats.items() if v} }")
 
-    def _finish(self, decision: Decision, event: StepEvent) -> StepEvent:
-        """Commit the step: its counters, its decision, and its log record."""
-        event.decision = decision.value
-        self._t += 1
-        self.stats["steps"] += 1
-        self.last_decision, self.last_event = decision.value, event
-        if decision is not Decision.ACCEPT:
-            self._log_event(event)
-        return event
+    _ESCALATIONS = {Action.ESCALATE: "reached back to an older verified state",
+                    Action.REBASELINE: "re-based the reference on the new level",
+                    Action.STOP: "stopped at the last verified state"}
 
-    def _log_event(self, e: StepEvent) -> None:
+    def _log_event(self, rec: StepRecord) -> None:
+        e = rec.event
         measured = "" if e.y is None else (f", probe {e.y:.4g} vs reference {e.yhat:.4g} "
                                            f"(threshold +{e.threshold:.3g})")
         grad = "" if e.grad_norm is None else f", gradient norm {e.grad_norm:.3g}"
@@ -997,14 +884,11 @@ class GuardedOptimizer(Optimizer):
             self._log("rollback", logging.INFO, "step %d rolled back to the state verified at "
                       "step %d (%s%s%s)%s", e.step, self._safe.step, e.reason, measured, grad,
                       f"; action: {e.action}" if e.action else "")
-        for kind in ("escalate", "rebaseline", "stop"):
-            if e.action and kind in e.action.split(","):
-                self._log(kind, logging.WARNING, "step %d: %d rejections in a row, %s (%s); "
-                          "stats: %s", e.step, self.max_consecutive_rejections or 0,
-                          {"escalate": "reached back to an older verified state",
-                           "rebaseline": "re-based the reference on the new level",
-                           "stop": "stopped at the last verified state"}[kind], e.reason,
-                          {k: v for k, v in self.stats.items() if v})
+        for action, what in self._ESCALATIONS.items():
+            if action in rec.actions:
+                self._log(action.value, logging.WARNING, "step %d: %d rejections in a row, %s "
+                          "(%s); stats: %s", e.step, self.max_consecutive_rejections or 0, what,
+                          e.reason, {k: v for k, v in self.stats.items() if v})
 
     # -- state_dict ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -1033,18 +917,17 @@ class GuardedOptimizer(Optimizer):
         """Without a probe: run the post-step signals on the live state now, as the next
         step's start would, and on a healthy verdict verify it. Rank-local only (a collective
         here would hang the common ``if rank == 0: save(opt.state_dict())``)."""
-        if (not self._checks_live_state or not self._unverified or self._on_meta()
-                or world_size(resolve_group(self.process_group)) > 1):
+        st = self.step_state
+        if (not self._cadence.live or not st.unverified or self._on_meta()
+                or world_size(resolve_group(self.process_group)) > 1 or not self._post):
             return
-        post = self._post
         params = [p for g in self.param_groups for p in g["params"]]
         device = params[0].device if params else torch.device("cpu")
-        m = StepMeasurement(self._t, torch.zeros((), device=device), None, self.inner)
-        flags = [s.measure(m) for s in post]
-        fired = [bool(v) for v in torch.stack([f.to(device).reshape(()) for f in flags]).tolist()] if flags else []
+        m = StepMeasurement(st.t, torch.zeros((), device=device), None, self.inner)
+        fired = self._read(m, [], self._post, None, None).state_fired
         if not any(fired):
-            self._observe(post, m, True, fired)
-            self._verify(self._t)
+            self._learn(self._post, m, True, fired)
+            self._verify(st.t)
 
     def restore_rng_state(self, state_dict: dict[str, Any]) -> None:
         """Set this process's RNG streams to those saved in ``state_dict`` (from

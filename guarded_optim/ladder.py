@@ -53,13 +53,18 @@ Rungs, in order (each an event, a ``stats`` counter and a log record):
 
 from __future__ import annotations
 
-from typing import Any, Hashable, Iterator
+import math
+from typing import Any, Callable, Hashable, Iterator
 
 import torch
 
-from .policy import RecoveryAction
+from . import rng
+from .outcome import Action, RerunOutcome
+from .policy import ResetMoments
+from .signals.probe import ProbeError
 
-__all__ = ["GuardStopped", "ReRun", "Quarantine", "QuarantineSampler", "ResetMoments", "Ladder"]
+__all__ = ["GuardStopped", "ReRun", "Overrule", "Quarantine", "QuarantineSampler", "ReachBack",
+           "Budget", "ResetMoments", "Ladder"]
 
 _EXHAUSTED = ("raise", "rebaseline")
 
@@ -75,8 +80,140 @@ class ReRun:
 
     name = "rerun"
 
+    @staticmethod
+    def applies(guard, rec, rng_before: dict | None) -> bool:
+        """A measured proposal was rejected, the closure can be re-run with the draws it
+        made (``rng_before``), and the rejected proposal is the only unverified step."""
+        return bool(rec.reasons) and rng_before is not None and guard.step_state.unverified == 1
+
+    def run(self, guard, rec, closure: Callable, rng_before: dict) -> RerunOutcome:
+        """Restore, re-run the closure on the same batch and draws, measure its proposal
+        (``rec`` then holds the re-run's measurement). TRANSIENT: it passed and is live;
+        PERSISTENT: it was rejected and the verified state is live (the batch is
+        quarantined when it has a ``batch_id``)."""
+        stats = guard.step_state.stats
+        stats["reruns"] += 1
+        guard._restore()
+        rng_after = rng.capture()
+        rng.restore(rng_before)
+        try:
+            with torch.enable_grad():
+                loss = closure()
+        finally:
+            rng.restore(rng_after)   # the data stream goes on from the first run
+        first = rec.y, rec.reasons
+        guard._propose(rec, loss, closure)
+        guard._measure_proposal(rec)
+        outcome = RerunOutcome.PERSISTENT if rec.reasons else RerunOutcome.TRANSIENT
+        stats[outcome.name.lower()] += 1
+        rec.actions = [outcome.action]   # reported in place of what came before (an overrule)
+        if outcome is RerunOutcome.PERSISTENT:
+            rec.y, rec.reasons = first   # the rejection the ladder goes on with is the first
+            guard._restore()
+            if rec.batch_id is not None:
+                if guard.ladder.quarantine.add(rec.batch_id):
+                    stats["quarantined"] += 1
+                rec.actions.append(Action.QUARANTINE)
+        return outcome
+
     def __repr__(self) -> str:
         return "ReRun()"
+
+
+class Overrule:
+    """Rung 1, opt-in: after ``after`` skips in a row, a probe decides the next flagged step
+    (see the module docstring and :class:`Ladder`)."""
+
+    name = "overrule"
+
+    def __init__(self, after: int):
+        if isinstance(after, bool) or not isinstance(after, int) or after < 1:
+            raise ValueError(f"Invalid overrule: {after!r}; use an int >= 1, or None.")
+        self.after = after
+
+    def applies(self, guard, fired_signals: list) -> bool:
+        """A probe measures the flagged step, the skip streak is long enough, and every
+        signal that fired judges scale (``overrulable``), not validity."""
+        st = guard.step_state
+        return (guard.probe is not None and guard._cadence.measures(st.unverified + 1)
+                and st.skips_in_row >= self.after
+                and all(getattr(s, "overrulable", False) for s in fired_signals))
+
+    def __repr__(self) -> str:
+        return f"Overrule(after={self.after})"
+
+
+class ReachBack:
+    """Rung 5's settings: keep ``history`` older verified snapshots, one pushed every
+    ``checkpoint_every`` verifications (or when a recovery action asks for one), saved in
+    ``state_dict`` only with ``save_history=True``."""
+
+    name = "reach_back"
+
+    def __init__(self, history: int = 0, checkpoint_every: int = 50, save_history: bool = False):
+        self.history, self.checkpoint_every = history, checkpoint_every
+        self.save_history = save_history
+
+    def __repr__(self) -> str:
+        return (f"ReachBack(history={self.history}, checkpoint_every={self.checkpoint_every}, "
+                f"save_history={self.save_history})")
+
+
+class Budget:
+    """Rungs 3, 5 and 6: roll back; after ``limit`` rejections in a row reach back to an
+    older verified snapshot (if the history keeps one), else stop (``on_exhausted="raise"``,
+    a probe rejection) or re-base the references. ``limit=None`` never escalates."""
+
+    name = "budget"
+
+    def __init__(self, limit: int | None = 20, on_exhausted: str = "raise"):
+        if on_exhausted not in _EXHAUSTED:
+            raise ValueError(f"Invalid on_exhausted: {on_exhausted!r}; choose one of {_EXHAUSTED}.")
+        self.limit, self.on_exhausted = limit, on_exhausted
+
+    def on_rejection(self, guard, y: float | None) -> Action | None:
+        """Restore the verified state, escalating when rejections keep coming; returns what
+        was done beyond the rollback. ``y``: the rejected probe value (``None``: no probe
+        measured the rejection)."""
+        st = guard.step_state
+        st.consecutive += 1
+        if self.limit is None or st.consecutive < self.limit:
+            guard._restore()
+            return None
+        st.consecutive = 0
+        older = guard._ring.newest_before(guard._safe.step)
+        if older is not None:      # reach back past damage accepted earlier
+            guard._ring.drop_from(older.step + 1)
+            guard._safe.copy_from(older)
+            st.yhat = older.meta["yhat"]
+            st.stats["escalations"] += 1
+            guard._restore()
+            return Action.ESCALATE
+        guard._restore()
+        if self.on_exhausted == "raise" and y is not None:
+            st.stats["stops"] += 1   # the probe kept rejecting: stop, accept nothing
+            return Action.STOP
+        self._rebaseline(guard, y)
+        st.stats["rebaselines"] += 1
+        return Action.REBASELINE
+
+    @staticmethod
+    def _rebaseline(guard, y: float | None) -> None:
+        """Nowhere older to go: the signals (no probe) or ``yhat`` learn the new level."""
+        if y is None:
+            for sig in guard.signals:
+                getattr(sig, "rebase", lambda: None)()
+            return
+        if not math.isfinite(y):
+            y = guard._measure_probe()
+            if not math.isfinite(y):
+                raise ProbeError(
+                    f"probe returned {y} even at the last accepted state, where it was "
+                    "finite before: the probe itself is broken (state was rolled back).")
+        guard.step_state.yhat = y
+
+    def __repr__(self) -> str:
+        return f"Budget(limit={self.limit}, on_exhausted={self.on_exhausted!r})"
 
 
 def _plain_id(x: Any) -> bool:
@@ -152,41 +289,9 @@ class QuarantineSampler(torch.utils.data.Sampler):
         return len(self.sampler)
 
 
-class ResetMoments(RecoveryAction):
-    """Rung 5, opt-in (SPAM-style): after ``after`` rollbacks in a row, zero the optimizer's
-    first-moment buffers (``keys``), so a momentum built from the damaging steps does not
-    push the restored weights back into it. Second moments are kept (zeroing them makes
-    Adam's next updates huge)."""
-
-    name = "reset_moments"
-
-    def __init__(self, after: int = 2, keys: tuple[str, ...] = ("exp_avg", "momentum_buffer")):
-        if after < 1:
-            raise ValueError(f"Invalid after: {after!r}; it must be >= 1.")
-        self.after, self.keys, self.resets = after, tuple(keys), 0
-
-    def on_rollback(self, guard, consecutive):
-        if consecutive < self.after:
-            return None
-        bufs = [v for st in guard.state.values() for k, v in st.items()
-                if k in self.keys and isinstance(v, torch.Tensor)]
-        if bufs:
-            torch._foreach_zero_(bufs)
-        self.resets += 1
-        return "reset_moments"
-
-    def state_dict(self):
-        return {"resets": self.resets}
-
-    def load_state_dict(self, state):
-        self.resets = int(state["resets"])
-
-    def __repr__(self):
-        return f"ResetMoments(after={self.after}, keys={self.keys})"
-
-
 class Ladder:
-    """The rungs the guard climbs (see the module docstring); each part is optional.
+    """The rungs the guard climbs (see the module docstring), each an object it owns with
+    its settings; each part is optional.
 
     Args:
         rerun: a :class:`ReRun` (default), or ``None`` to roll back without re-running.
@@ -198,21 +303,32 @@ class Ladder:
             4th step of a x300 gradient window (Adam's normalised update looks harmless to
             a probe while it poisons the second moment), the signal learnt the x300 level
             and the run ended 1.23x clean instead of 1.05x.
+
+    The guard's own arguments ``max_consecutive_rejections``, ``history``,
+    ``checkpoint_every`` and ``save_history`` set the :class:`Budget` and
+    :class:`ReachBack` rungs (:meth:`configure`).
     """
 
     def __init__(self, rerun: ReRun | None = ReRun(), quarantine: Quarantine | None = None,
                  on_exhausted: str = "raise", overrule: int | None = None):
-        if overrule is not None and (isinstance(overrule, bool) or not isinstance(overrule, int)
-                                     or overrule < 1):
-            raise ValueError(f"Invalid overrule: {overrule!r}; use an int >= 1, or None.")
-        self.overrule = overrule
+        self.overrule = Overrule(overrule) if overrule is not None else None
         if rerun is not None and not isinstance(rerun, ReRun):
             raise TypeError(f"rerun must be a ReRun() or None, got {rerun!r}.")
-        if on_exhausted not in _EXHAUSTED:
-            raise ValueError(f"Invalid on_exhausted: {on_exhausted!r}; choose one of {_EXHAUSTED}.")
         self.rerun = ReRun() if rerun is not None else None
         self.quarantine = quarantine if quarantine is not None else Quarantine()
-        self.on_exhausted = on_exhausted
+        self.budget = Budget(20, on_exhausted)
+        self.reach_back = ReachBack()
+
+    @property
+    def on_exhausted(self) -> str:
+        return self.budget.on_exhausted
+
+    def configure(self, max_consecutive_rejections: int | None, history: int,
+                  checkpoint_every: int, save_history: bool) -> "Ladder":
+        """Set the budget and reach-back rungs from the guard's arguments; returns ``self``."""
+        self.budget.limit = max_consecutive_rejections
+        self.reach_back = ReachBack(history, checkpoint_every, save_history)
+        return self
 
     def state_dict(self) -> dict[str, Any]:
         return {"quarantine": self.quarantine.state_dict()}
@@ -222,4 +338,5 @@ class Ladder:
 
     def __repr__(self) -> str:
         return (f"Ladder(rerun={self.rerun!r}, quarantine={self.quarantine!r}, "
-                f"on_exhausted={self.on_exhausted!r}, overrule={self.overrule!r})")
+                f"on_exhausted={self.on_exhausted!r}, overrule={self.overrule!r}, "
+                f"budget={self.budget!r}, reach_back={self.reach_back!r})")

@@ -1,30 +1,14 @@
-"""Decisions the guard takes on a step (paper 001, sec. 5.2) and the recovery actions it
-can compose after a rollback (ARC, sec. 3.2)."""
+"""The recovery actions the guard can compose after a rollback (ARC, sec. 3.2). (``Decision``
+lives in :mod:`.outcome`; it is importable from here as before.)"""
 
 from __future__ import annotations
 
-import enum
-
 import torch
 
-__all__ = ["Decision", "RecoveryAction", "ReduceLR", "TightenClip", "Escape", "arc_recovery"]
+from .outcome import Action, Decision
 
-
-class Decision(str, enum.Enum):
-    """What happened to one call of ``step()``.
-
-    * ``ACCEPT``   -- the proposal was applied (on an unmeasured step of ``probe_every=k``,
-      provisionally: the next measurement may still roll it back).
-    * ``ROLLBACK`` -- the proposal was measured, rejected, and the safe snapshot restored.
-    * ``SKIP``     -- a pre-step signal fired; nothing was proposed, nothing is restored.
-    """
-
-    ACCEPT = "accept"
-    ROLLBACK = "rollback"
-    SKIP = "skip"
-
-    def __str__(self) -> str:
-        return self.value
+__all__ = ["Decision", "RecoveryAction", "ReduceLR", "TightenClip", "Escape", "ResetMoments",
+           "arc_recovery"]
 
 
 class RecoveryAction:
@@ -132,11 +116,11 @@ class Escape(RecoveryAction):
         if consecutive % self.after:
             return None
         params = [p for g in guard.param_groups for p in g["params"]]
-        gen = torch.Generator().manual_seed(self.seed + guard._t)
+        gen = torch.Generator().manual_seed(self.seed + guard.step_state.t)
         with torch.no_grad():
             torch._foreach_add_(params, [_noise(p, gen, self.scale) for p in params])
         self.escapes += 1
-        return "escape"
+        return Action.ESCAPE
 
     def state_dict(self):
         return {"escapes": self.escapes}
@@ -195,6 +179,39 @@ class TightenClip(RecoveryAction):
 
     def __repr__(self):
         return f"TightenClip(factor={self.factor}, duration={self.duration}, beta={self.beta})"
+
+
+class ResetMoments(RecoveryAction):
+    """Opt-in (SPAM-style; listed in the ladder as rung 5): after ``after`` rollbacks in a row, zero the optimizer's
+    first-moment buffers (``keys``), so a momentum built from the damaging steps does not
+    push the restored weights back into it. Second moments are kept (zeroing them makes
+    Adam's next updates huge)."""
+
+    name = "reset_moments"
+
+    def __init__(self, after: int = 2, keys: tuple[str, ...] = ("exp_avg", "momentum_buffer")):
+        if after < 1:
+            raise ValueError(f"Invalid after: {after!r}; it must be >= 1.")
+        self.after, self.keys, self.resets = after, tuple(keys), 0
+
+    def on_rollback(self, guard, consecutive):
+        if consecutive < self.after:
+            return None
+        bufs = [v for st in guard.state.values() for k, v in st.items()
+                if k in self.keys and isinstance(v, torch.Tensor)]
+        if bufs:
+            torch._foreach_zero_(bufs)
+        self.resets += 1
+        return "reset_moments"
+
+    def state_dict(self):
+        return {"resets": self.resets}
+
+    def load_state_dict(self, state):
+        self.resets = int(state["resets"])
+
+    def __repr__(self):
+        return f"ResetMoments(after={self.after}, keys={self.keys})"
 
 
 def _noise(p: torch.Tensor, gen: torch.Generator, scale: float) -> torch.Tensor:

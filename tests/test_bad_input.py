@@ -242,7 +242,7 @@ def test_probe_that_breaks_between_construction_and_first_step_changes_nothing()
     assert_unchanged(before, inner_snapshot(m, inner))
     probe.mode = "ok"
     assert _step(m, opt, 2) == "accept"
-    assert opt._safe.step == 1 and opt.stats["steps"] == 1   # the failed call is not a step
+    assert opt.safe_snapshot.step == 1 and opt.stats["steps"] == 1   # the failed call is not a step
 
 
 # -- a probe that breaks later -----------------------------------------------------------------
@@ -306,7 +306,7 @@ def test_probe_error_later_restores_last_verified_state_and_guard_recovers(probe
     tiny.assert_same(tiny.full_state(m, opt), clean_states[verified])
     assert [mod.training for mod in m.modules()] == modes
     assert opt.yhat == yhat and opt.stats["accepted"] == accepted and opt.last_decision == last
-    assert opt.stats["rollbacks"] == 0 and opt._unverified == 0
+    assert opt.stats["rollbacks"] == 0 and opt.step_state.unverified == 0
 
     # the probe recovers: redo the lost steps with the same batches -> the clean run, exactly
     probe.mode = "ok"

@@ -32,12 +32,12 @@ def _weights_and_state(m, opt) -> dict:
 
 def _captures(opt) -> list[int]:
     """Record the step of every capture of the safe snapshot."""
-    seen, capture = [], opt._safe.capture
+    seen, capture = [], opt.safe_snapshot.capture
 
     def spy(step, **meta):
         seen.append(step)
         return capture(step, **meta)
-    opt._safe.capture = spy
+    opt.safe_snapshot.capture = spy
     return seen
 
 
@@ -60,7 +60,7 @@ def test_probe_less_guard_checks_and_captures_every_k_steps():
     # the k-th applied step (steps 9, 19, 29) is checked right after its proposal and its
     # result captured as the state step 10 (20, 30) starts from
     assert seen == [10, 20, 30]
-    assert opt._unverified == 5
+    assert opt.step_state.unverified == 5
 
 
 def test_state_damage_is_rolled_back_at_the_next_verification():
@@ -127,9 +127,9 @@ def test_state_dict_verifies_every_unverified_step():
     opt = _guard(m)
     _, batches = tiny.data(0, steps=13)
     _run(opt, m, batches)
-    assert opt._unverified == 3
+    assert opt.step_state.unverified == 3
     sd = opt.state_dict()
-    assert opt._unverified == 0
+    assert opt.step_state.unverified == 0
     assert sd["guard"]["safe"] is None and sd["guard"]["safe_is_live"]
 
 

@@ -286,10 +286,10 @@ def test_forecast_in_a_guard_pushes_a_verified_snapshot_before_the_climb():
     m, opt, batches = forecast_guard([1.0] + climb, [ConformalForecast(window=100, cooldown=20)])
     pushed_at = []
     for t, b in enumerate(batches[:len(climb)]):
-        n = len(opt._ring)
+        n = len(opt.snapshot_history)
         test_policy.step(m, opt, b)
         assert opt.last_decision == "accept"
-        if len(opt._ring) > n:
+        if len(opt.snapshot_history) > n:
             pushed_at.append(t)
     assert pushed_at and all(t >= 150 for t in pushed_at)
     assert climb[pushed_at[0]] < 10.0 and opt.recovery[0].triggered == len(pushed_at)

@@ -42,7 +42,7 @@ def _step(m, opt, x, y):
 
 def _delay_side_stream(opt):
     """Make the next capture sit behind a sleep on the side stream."""
-    stream = opt._safe._side_stream()
+    stream = opt.safe_snapshot._side_stream()
     with torch.cuda.stream(stream):
         torch.cuda._sleep(SLEEP_CYCLES)
 
@@ -53,13 +53,13 @@ def test_wait_for_snapshot_orders_user_writes_after_the_capture():
     expected = [p.detach().clone() for p in m.parameters()]
     torch.cuda.synchronize()
     _delay_side_stream(opt)
-    opt._safe.capture(opt._t)               # in flight behind the sleep
+    opt.safe_snapshot.capture(opt.step_state.t)               # in flight behind the sleep
     opt.wait_for_snapshot()
     with torch.no_grad():                   # an in-place write between steps
         for p in m.parameters():
             p.mul_(0)
-    opt._safe.synchronize()
-    assert all(torch.equal(a, b.cuda()) for a, b in zip(expected, opt._safe._saved_params))
+    opt.safe_snapshot.synchronize()
+    assert all(torch.equal(a, b.cuda()) for a, b in zip(expected, opt.safe_snapshot._saved_params))
 
 
 def test_without_waiting_the_write_races_the_capture():
@@ -68,12 +68,12 @@ def test_without_waiting_the_write_races_the_capture():
     _step(m, opt, x, y)
     torch.cuda.synchronize()
     _delay_side_stream(opt)
-    opt._safe.capture(opt._t)
+    opt.safe_snapshot.capture(opt.step_state.t)
     with torch.no_grad():
         for p in m.parameters():
             p.mul_(0)
-    opt._safe.synchronize()
-    assert all(float(t.abs().sum()) == 0 for t in opt._safe._saved_params)
+    opt.safe_snapshot.synchronize()
+    assert all(float(t.abs().sum()) == 0 for t in opt.safe_snapshot._saved_params)
 
 
 def test_fault_injectors_wait_for_the_capture():
@@ -82,10 +82,10 @@ def test_fault_injectors_wait_for_the_capture():
     expected = [p.detach().clone() for p in m.parameters()]
     torch.cuda.synchronize()
     _delay_side_stream(opt)
-    opt._safe.capture(opt._t)
+    opt.safe_snapshot.capture(opt.step_state.t)
     CorruptWeights(0, mode="zero").before_step(0, opt)
-    opt._safe.synchronize()
-    assert all(torch.equal(a, b.cuda()) for a, b in zip(expected, opt._safe._saved_params))
+    opt.safe_snapshot.synchronize()
+    assert all(torch.equal(a, b.cuda()) for a, b in zip(expected, opt.safe_snapshot._saved_params))
 
 
 def test_a_replaced_tensor_is_not_reused_mid_copy():
@@ -96,13 +96,13 @@ def test_a_replaced_tensor_is_not_reused_mid_copy():
     old = opt.state[p]["exp_avg"]
     before = old.clone()
     _delay_side_stream(opt)
-    opt._safe.capture(opt._t)
-    idx = next(i for i, t in enumerate(opt._safe._live_state) if t is old)
+    opt.safe_snapshot.capture(opt.step_state.t)
+    idx = next(i for i, t in enumerate(opt.safe_snapshot._live_state) if t is old)
     opt.state[p]["exp_avg"] = torch.zeros_like(before)   # the old tensor loses its user refs
     del old
     junk = torch.full_like(before, 7.0)                  # would take the freed block
-    opt._safe.synchronize()
-    assert torch.equal(opt._safe._saved_state[idx].cuda(), before)
+    opt.safe_snapshot.synchronize()
+    assert torch.equal(opt.safe_snapshot._saved_state[idx].cuda(), before)
     del junk
 
 
@@ -116,8 +116,8 @@ def test_host_snapshot_costs_no_gpu_memory_also_channels_last():
             _step(m, opt, x, y)
         torch.cuda.synchronize()
         assert torch.cuda.memory_allocated() <= base + 1024
-        assert all(s.stride() == p.stride() for s, p in zip(opt._safe._saved_params, m.parameters()))
-        assert all(s.is_pinned() for s in opt._safe._saved_params)
+        assert all(s.stride() == p.stride() for s, p in zip(opt.safe_snapshot._saved_params, m.parameters()))
+        assert all(s.is_pinned() for s in opt.safe_snapshot._saved_params)
 
 
 def test_step_inside_cuda_graph_capture_is_a_clear_error():
@@ -157,8 +157,8 @@ def test_rollback_is_exact_on_cuda_with_a_host_snapshot():
     for _ in range(3):
         _step(m, opt, x, y)
     torch.cuda.synchronize()
-    opt._safe.synchronize()
-    safe = [t.clone() for t in opt._safe._saved_params]
+    opt.safe_snapshot.synchronize()
+    safe = [t.clone() for t in opt.safe_snapshot._saved_params]
     lr = opt.param_groups[0]["lr"]
     opt.param_groups[0]["lr"] = 1e6
     _step(m, opt, x, y)
@@ -180,9 +180,9 @@ def test_a_model_over_two_gpus_gets_a_stream_and_an_event_per_device():
         opt.zero_grad()
         b(a(x).to("cuda:1")).square().mean().backward()
         opt.step()
-    assert set(opt._safe._streams) == {torch.device("cuda:0"), torch.device("cuda:1")}
-    opt._safe.synchronize()
-    assert all(torch.equal(s.to(p.device), p) for s, p in zip(opt._safe._saved_params, params))
+    assert set(opt.safe_snapshot._streams) == {torch.device("cuda:0"), torch.device("cuda:1")}
+    opt.safe_snapshot.synchronize()
+    assert all(torch.equal(s.to(p.device), p) for s, p in zip(opt.safe_snapshot._saved_params, params))
 
 
 # -- host syncs per step type (issue 15, item 11; docs/host_syncs.md) ----------------------
@@ -229,14 +229,14 @@ def test_cuda_host_reads_per_step_type(monkeypatch):
                       nn.Linear(16 * 6 * 6, 4)).cuda()
     x, y = torch.randn(8, 3, 8, 8, device="cuda"), torch.randint(0, 4, (8,), device="cuda")
     opt = GuardedOptimizer(torch.optim.AdamW(m.parameters(), lr=1e-3), module=m)
-    assert opt._safe.mode == "host"
+    assert opt.safe_snapshot.mode == "host"
     for i in range(opt.probe_every):
         _counted_step(reads, m, opt, x, y)
         device_reads = [r.site for r in reads.calls if r.kind not in ("upload", *sync_kinds)]
         expected = [FLAGS, FLAGS] if i == opt.probe_every - 1 else [FLAGS]
         assert device_reads == expected, reads.calls          # no CPU-only norm repair on CUDA
         assert not any(r.kind in sync_kinds for r in reads.calls), reads.calls
-    assert opt._safe.step == opt.probe_every                 # the last one verified + captured
+    assert opt.safe_snapshot.step == opt.probe_every                 # the last one verified + captured
 
     # (3) measured accepted, (4) skip, (5) rollback: no explicit synchronize anywhere
     m, opt, x, y, scale = _setup_probe()
@@ -298,12 +298,12 @@ def test_staged_capture_in_flight_is_ordered_and_exact(monkeypatch):
     _small_chunks(monkeypatch)
     m, opt, x, y = _setup()
     _step(m, opt, x, y)
-    snap = opt._safe
+    snap = opt.safe_snapshot
     assert snap._stage is not None and sum(len(r) for r in snap._stage.rounds.values()) > 1
     expected = [t.detach().clone() for t in list(m.parameters()) + snap._live_state]
     torch.cuda.synchronize()
     _delay_side_stream(opt)
-    snap.capture(opt._t)                        # several rounds, in flight behind the sleep
+    snap.capture(opt.step_state.t)                        # several rounds, in flight behind the sleep
     opt.wait_for_snapshot()
     with torch.no_grad():
         for p in m.parameters():
@@ -322,7 +322,7 @@ def test_staging_memory_is_bounded_and_transfers_are_one_per_round(monkeypatch):
     snapshot = _small_chunks(monkeypatch)
     m, opt, x, y = _setup()
     _step(m, opt, x, y)
-    snap = opt._safe
+    snap = opt.safe_snapshot
     assert 0 < snap.staging_nbytes() <= 2 * snapshot.STAGE_BYTES
     assert all(t.is_pinned() for t in snap._saved_params + snap._saved_state + snap._saved_buffers)
     calls = {"d2h": 0}
@@ -340,7 +340,7 @@ def test_staging_memory_is_bounded_and_transfers_are_one_per_round(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "copy_", tensor_copy)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
-    snap.capture(opt._t)
+    snap.capture(opt.step_state.t)
     snap.synchronize()
     assert torch.cuda.memory_allocated() == base            # the chunks are reused
     stages = [s for s in (snap._stage, snap._buffer_stage) if s is not None]

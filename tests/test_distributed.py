@@ -170,7 +170,7 @@ def _scenario_fsdp(rank, outdir):
     return {"log": log, "exact": len(before) == len(after) and all(
                 a.shape == b.shape and torch.equal(a, b) for a, b in zip(before, after)),
             "local_shapes": [tuple(p.to_local().shape) for p in params],
-            "snapshot_shapes": [tuple(t.shape) for t in opt._safe._saved_params],
+            "snapshot_shapes": [tuple(t.shape) for t in opt.safe_snapshot._saved_params],
             "types": sorted({type(p).__name__ for p in params}), "mismatch": mismatch}
 
 
@@ -240,7 +240,7 @@ def _scenario_gates(rank, outdir):
 
     class PushOnRank1(RecoveryAction):
         def wants_checkpoint(self, guard):
-            return rank == 1 and guard._t % 3 == 0
+            return rank == 1 and guard.step_state.t % 3 == 0
 
     model = _mlp()
     ddp = DDP(model)
@@ -255,7 +255,7 @@ def _scenario_gates(rank, outdir):
         opt.zero_grad()
         F.mse_loss(ddp(x), y).backward()
         opt.step()
-    return {"ring": [snap.step for snap in opt._ring], "params": _params(model)}
+    return {"ring": [snap.step for snap in opt.snapshot_history], "params": _params(model)}
 
 
 SCENARIOS = {"gates": _scenario_gates, "rng": _scenario_rng, "probe_error": _scenario_probe_error, "clean": _scenario_clean, "faults": _scenario_faults,
@@ -381,7 +381,7 @@ def test_every_rank_saves_the_same_guard_state_and_it_loads_on_one_rank(ranks):
     if r0["safe_is_live"]:   # the last step was verified: the snapshot is the live state
         assert sd["guard"]["safe"] is None and _same(r0["safe_params"], r0["params"])
     else:
-        opt._safe.restore()
+        opt.safe_snapshot.restore()
         assert _same(_params(model), r0["safe_params"])
     opt.zero_grad()
     F.mse_loss(model(batches[0][0]), batches[0][1]).backward()
@@ -493,7 +493,7 @@ def _gpu_fsdp_worker(rank, world, port, outdir, backend, scenarios):
                     g["lr"] /= 1e4
                 exact = all(torch.equal(a, p.to_local()) for a, p in zip(before, params))
             log.append(opt.last_decision)
-        torch.save({"log": log, "exact": exact, "mode": opt._safe.mode},
+        torch.save({"log": log, "exact": exact, "mode": opt.safe_snapshot.mode},
                    os.path.join(outdir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -151,7 +151,7 @@ def test_importance_rollback_blends_between_snapshot_and_rejected():
         original(g)
         rejected.extend(t.clone() for t in action._rejected)
     action.before_rollback = spy
-    safe = [t.clone() for t in opt._safe.state_dict()["params"]]
+    safe = [t.clone() for t in opt.safe_snapshot.state_dict()["params"]]
     assert step(m, opt, batches[6], spike=1e4) == "rollback"
     for p, s, r in zip(m.parameters(), safe, rejected):
         lo, hi = torch.minimum(s, r), torch.maximum(s, r)
@@ -164,11 +164,11 @@ def test_importance_rollback_is_measured_with_the_next_proposal():
     m, opt, batches = guard([FisherDiagonal(), ImportanceWeightedRollback(lam=0.5)])
     for b in batches[:6]:
         step(m, opt, b)
-    safe = [t.clone() for t in opt._safe.state_dict()["params"]]
+    safe = [t.clone() for t in opt.safe_snapshot.state_dict()["params"]]
     step(m, opt, batches[6], spike=1e4)
     assert step(m, opt, batches[7], spike=1e4) == "rollback"     # blend + bad proposal
-    assert opt._safe.step <= 6 and all(
-        torch.equal(a, b) for a, b in zip(opt._safe.state_dict()["params"], safe))
+    assert opt.safe_snapshot.step <= 6 and all(
+        torch.equal(a, b) for a, b in zip(opt.safe_snapshot.state_dict()["params"], safe))
 
 
 # -- EWC -----------------------------------------------------------------------------------
@@ -246,7 +246,7 @@ def test_fisher_drift_pushes_a_verified_snapshot_when_drift_exceeds_tau():
                                 history=50, checkpoint_every=1000)
         for b in batches[:20]:
             step(m, opt, b)
-        results[tau] = (len(opt._ring), opt.recovery[1])
+        results[tau] = (len(opt.snapshot_history), opt.recovery[1])
     assert results[1e12][0] == 1                  # only the first (empty ring) push
     assert results[1e-12][0] == results[1e-12][1].triggered == 10
     assert len(results[1e12][1].drift_history) == 9
@@ -305,9 +305,9 @@ def test_the_guard_carries_a_fisher_diagonal_at_no_extra_cost_with_adam():
     st = opt.state[p]
     assert torch.equal(fisher[0], st["exp_avg_sq"] / (1 - 0.99 ** float(st["step"])))
     sd = opt.state_dict()
-    assert sd["guard"]["fisher"] == "state.exp_avg_sq" and opt._safe.nbytes() == sum(
+    assert sd["guard"]["fisher"] == "state.exp_avg_sq" and opt.safe_snapshot.nbytes() == sum(
         t.numel() * t.element_size() for t in
-        opt._safe._saved_params + opt._safe._saved_state + opt._safe._saved_buffers)  # no extra
+        opt.safe_snapshot._saved_params + opt.safe_snapshot._saved_state + opt.safe_snapshot._saved_buffers)  # no extra
     # the tools read the same estimate without a FisherDiagonal action
     from guarded_optim.fisher import InnerFisher, find_fisher
     assert isinstance(find_fisher(opt), InnerFisher)

@@ -108,14 +108,15 @@ def test_default_fisher_for_sgd_is_a_fresh_host_tracker():
 # -- which steps teach it ------------------------------------------------------------------
 def fake_guard(params, probe, probe_every):
     return SimpleNamespace(param_groups=[{"params": params}], probe=probe,
-                           probe_every=probe_every, _unverified=0)
+                           probe_every=probe_every,
+                           step_state=SimpleNamespace(unverified=0))
 
 
 @pytest.mark.parametrize("k", [1, 3])
 def test_with_a_probe_only_measured_and_accepted_steps_count(k):
     g = fake_guard([], probe=lambda: 0.0, probe_every=k)
     for u in range(k):
-        g._unverified = u
+        g.step_state.unverified = u
         assert HostFisher.verified_step(g) == (u == 0)
 
 
@@ -123,11 +124,11 @@ def test_with_a_probe_only_measured_and_accepted_steps_count(k):
 def test_without_a_probe_the_first_proposal_from_a_verified_state_counts(k):
     g = fake_guard([], probe=None, probe_every=k)
     # a verifying guard keeps 1 <= _unverified <= k at on_healthy: only 1 counts
-    assert [HostFisher.verified_step(SimpleNamespace(**{**vars(g), "_unverified": u}))
+    assert [HostFisher.verified_step(SimpleNamespace(**{**vars(g), "step_state": SimpleNamespace(unverified=u)}))
             for u in range(1, k + 1)] == [True] + [False] * (k - 1)
     # a guard that never verifies counts up: one update per k applied steps
     seen = [u for u in range(1, 5 * k + 1)
-            if HostFisher.verified_step(SimpleNamespace(**{**vars(g), "_unverified": u}))]
+            if HostFisher.verified_step(SimpleNamespace(**{**vars(g), "step_state": SimpleNamespace(unverified=u)}))]
     assert seen == list(range(1, 5 * k + 1, k))
 
 
@@ -151,7 +152,7 @@ def test_estimate_after_n_verified_updates_is_the_ema_by_hand(seed):
     tracker = HostFisher(alpha=alpha)
     taught = []
     for step in range(23):
-        guard._unverified = step % k + 1          # a probe-less guard verifying every k
+        guard.step_state.unverified = step % k + 1          # a probe-less guard verifying every k
         grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
         for p, gr in zip(params, grads):
             p.grad = gr
@@ -174,7 +175,7 @@ def test_every_keeps_every_nth_verified_update():
     guard = fake_guard(params, probe=lambda: 0.0, probe_every=2)
     tracker = HostFisher(every=3)
     for step in range(12):
-        guard._unverified = step % 2              # measured (0) every other step
+        guard.step_state.unverified = step % 2              # measured (0) every other step
         params[0].grad = torch.full((2,), float(step))
         tracker.on_healthy(guard)
     # verified steps 0, 2, 4, 6, 8, 10; every 3rd of them: steps 0 and 6
@@ -247,7 +248,7 @@ def test_with_a_probe_it_learns_from_measured_accepted_steps_only():
     taught = []
     for x, y in batches:
         opt.step(tiny.closure_for(opt, m, x, y))
-        if opt._unverified == 0:
+        if opt.step_state.unverified == 0:
             taught.append([p.grad.clone() for p in m.parameters()])
     tracker = opt.recovery[0]
     assert opt.stats["measured"] == len(taught) == tracker.updates == 4

@@ -133,9 +133,9 @@ def test_skip_only_guard_never_snapshots():
                            signals=[NonFinite(), GradientSpike()])
     d = run(m, opt, batches, FaultSchedule([NonFiniteGradients(12, 1)]))
     assert d.count("skip") == 1 and opt.stats["rollbacks"] == 0
-    assert not opt._safe.captured
+    assert not opt.safe_snapshot.captured
     default = GuardedOptimizer(torch.optim.AdamW(tiny.model().parameters(), lr=1e-2))
-    assert default._safe.captured        # the default FAILURE signals need a verified state
+    assert default.safe_snapshot.captured        # the default FAILURE signals need a verified state
 
 
 def test_lr_spike_is_rolled_back_with_default_threshold():
@@ -183,7 +183,7 @@ def test_repeated_rejections_escalate_to_older_verified_snapshot():
     for t, (x, y) in enumerate(batches[:13]):
         opt.step(tiny.closure_for(opt, m, x, y))
         states[t + 1] = tiny.full_state(m, opt)
-    assert [s.step for s in opt._ring] == [8, 12]
+    assert [s.step for s in opt.snapshot_history] == [8, 12]
     for g in opt.param_groups:
         g["lr"] = 1e4                      # every proposal from here is catastrophic
     decisions, actions = [], []
@@ -195,7 +195,7 @@ def test_repeated_rejections_escalate_to_older_verified_snapshot():
     assert actions == [None, None, "escalate", None, None, "escalate"]
     assert opt.stats["escalations"] == 2
     # after two escalations the state is the oldest verified snapshot (step 8), bit for bit
-    assert opt._safe.step == 8
+    assert opt.safe_snapshot.step == 8
     tiny.assert_same(states[8], tiny.full_state(m, opt))
 
 

@@ -142,12 +142,12 @@ def test_malformed_rng_state_is_rejected_before_anything_changes():
     _randint_loop(opt, m, x, y, steps=5)
     good = opt.state_dict()
     _randint_loop(opt, m, x, y, steps=15)
-    before = (opt._t, dict(opt.stats), opt.yhat)
+    before = (opt.step_state.t, dict(opt.stats), opt.yhat)
     bad = copy.deepcopy(good)
     bad["guard"]["rng"] = {"cpu": torch.zeros(3, dtype=torch.uint8)}
     with pytest.raises(ValueError, match=r"\['rng'\]"):
         opt.load_state_dict(bad)
-    assert (opt._t, dict(opt.stats), opt.yhat) == before == (20, before[1], before[2])
+    assert (opt.step_state.t, dict(opt.stats), opt.yhat) == before == (20, before[1], before[2])
     with pytest.raises(ValueError, match="rng"):
         opt.restore_rng_state({"guard": {"rng": "nope"}})
 
@@ -217,13 +217,13 @@ def test_corrupt_checkpoint_values_are_rejected_and_change_nothing(what):
     sd = opt.state_dict()
     assert sd["guard"]["safe"] is not None
     bad = _corrupt(sd, what)
-    before = (opt._t, dict(opt.stats), opt.yhat, [p.detach().clone() for p in m.parameters()],
+    before = (opt.step_state.t, dict(opt.stats), opt.yhat, [p.detach().clone() for p in m.parameters()],
               {k: v.clone() for k, v in opt.state[next(m.parameters())].items()})
     with pytest.raises(ValueError) as info:
         opt.load_state_dict(bad)
     for word in CORRUPTIONS[what]:
         assert word in str(info.value), (word, str(info.value))
-    after = (opt._t, dict(opt.stats), opt.yhat, [p.detach().clone() for p in m.parameters()],
+    after = (opt.step_state.t, dict(opt.stats), opt.yhat, [p.detach().clone() for p in m.parameters()],
              {k: v.clone() for k, v in opt.state[next(m.parameters())].items()})
     assert before[:3] == after[:3]
     assert all(torch.equal(a, b) for a, b in zip(before[3], after[3]))
@@ -269,7 +269,7 @@ def test_deepcopy_is_independent_of_the_original():
     twin._restore()                 # a rollback of the copy writes the copy only
     twin.inner.step()
     assert all(torch.equal(a, b) for a, b in zip(original, m.parameters()))
-    assert twin._safe.optimizer is twin.inner
+    assert twin.safe_snapshot.optimizer is twin.inner
 
 
 def test_guard_pickles_when_its_probe_does(tmp_path):
@@ -279,9 +279,9 @@ def test_guard_pickles_when_its_probe_does(tmp_path):
     _randint_loop(opt, m, x, y, steps=3)
     torch.save(opt, tmp_path / "guard.pt")
     back = torch.load(tmp_path / "guard.pt", weights_only=False)
-    assert back._t == 3 and back.yhat == opt.yhat
+    assert back.step_state.t == 3 and back.yhat == opt.yhat
     back2 = pickle.loads(pickle.dumps(opt))
-    assert back2._safe.optimizer is back2.inner
+    assert back2.safe_snapshot.optimizer is back2.inner
 
 
 def test_rollback_is_exact_after_model_double():
@@ -296,8 +296,8 @@ def test_rollback_is_exact_after_model_double():
     m.double()
     for x, yb in batches[3:6]:
         opt.step(tiny.closure_for(opt, m, x.double(), yb.double()))
-    assert opt._safe._saved_params[0].dtype == torch.float64
-    safe = [t.clone() for t in opt._safe._saved_params]
+    assert opt.safe_snapshot._saved_params[0].dtype == torch.float64
+    safe = [t.clone() for t in opt.safe_snapshot._saved_params]
     x, yb = batches[6]
     lr = opt.param_groups[0]["lr"]
     opt.param_groups[0]["lr"] = 1e4
@@ -320,7 +320,7 @@ def test_a_raising_callback_does_not_undo_the_committed_step():
     before = [p.detach().clone() for p in m.parameters()]
     with pytest.raises(RuntimeError, match="sink broke"):
         opt.step(tiny.closure_for(opt, m, *batches[0]))
-    assert opt._t == 1 and opt.stats["steps"] == 1 and opt.last_decision == "accept"
+    assert opt.step_state.t == 1 and opt.stats["steps"] == 1 and opt.last_decision == "accept"
     assert not all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
 
 
@@ -338,7 +338,7 @@ def test_a_failed_signal_measurement_leaves_counters_as_they_were():
     before = [p.detach().clone() for p in m.parameters()]
     with pytest.raises(RuntimeError, match="signal broke"):
         opt.step(tiny.closure_for(opt, m, *batches[0]))
-    assert opt._t == 0 and opt.stats["steps"] == 0
+    assert opt.step_state.t == 0 and opt.stats["steps"] == 0
     assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
 
 

@@ -141,7 +141,7 @@ def test_rung6_the_budget_spent_stops_with_a_clear_error_at_the_verified_state(c
         for x, y in batches[4:10]:
             opt.step(_closure(opt, m, x, y * 1e3)[0])
     assert "Ladder(on_exhausted='rebaseline')" in str(info.value) and "state_dict" in str(info.value)
-    assert opt.stats["stops"] == 1 and opt.stats["rollbacks"] == 3 and opt._t == 7
+    assert opt.stats["stops"] == 1 and opt.stats["rollbacks"] == 3 and opt.step_state.t == 7
     tiny.assert_same(tiny.full_state(m, opt), verified)
     assert any(r.levelno == logging.WARNING and "stopped" in r.getMessage() for r in caplog.records)
 

@@ -65,7 +65,7 @@ def test_defaults_hold_one_copy_of_params_and_state(probed):
         _step(opt, model, x, y)
     n = sum(p.numel() for p in model.parameters())
     held = memory.held_bytes(opt)
-    assert held["ring"] == 0 and len(opt._ring) == 0
+    assert held["ring"] == 0 and len(opt.snapshot_history) == 0
     assert held["snapshot"] == _nbytes(model.parameters()) + _nbytes(_state_tensors(opt.inner))
     assert sum(held.values()) <= 12 * n + CONSTANT, sum(held.values()) / n
 
@@ -141,7 +141,7 @@ def test_bf16_params_fp32_state_snapshot_sized_by_real_dtypes_and_rollback_is_ex
         "step": torch.float32, "exp_avg": torch.float32, "exp_avg_sq": torch.float32}
     n = sum(p.numel() for p in params)
     # the snapshot: 2 B per bf16 parameter element, the fp32 state at 4 B per element
-    assert opt._safe.nbytes() == 2 * n + _nbytes(state)
+    assert opt.safe_snapshot.nbytes() == 2 * n + _nbytes(state)
     assert _nbytes(state) == 8 * n + 4 * len(params)
     assert memory.held_bytes(opt)["snapshot"] <= 10 * n + CONSTANT
 
@@ -208,12 +208,12 @@ def test_pinned_bytes_of_a_host_snapshot_with_history():
                            snapshot="host", history=2, checkpoint_every=1)
     for x, y in batches[:3]:
         _step(opt, model, x, y)
-    assert opt._safe.mode == "host" and len(opt._ring) == 2
+    assert opt.safe_snapshot.mode == "host" and len(opt.snapshot_history) == 2
     pinned = memory.pinned_bytes(opt)
     held = memory.held_bytes(opt)
-    assert pinned["exact"] == held["snapshot"] + held["ring"] == 3 * opt._safe.nbytes()
+    assert pinned["exact"] == held["snapshot"] + held["ring"] == 3 * opt.safe_snapshot.nbytes()
     sizes = [t.numel() * t.element_size() for t in
-             opt._safe._saved_params + opt._safe._saved_state + opt._safe._saved_buffers]
+             opt.safe_snapshot._saved_params + opt.safe_snapshot._saved_state + opt.safe_snapshot._saved_buffers]
     assert pinned["reserved"] == 3 * sum(1 << (n - 1).bit_length() for n in sizes if n)
     assert pinned["exact"] <= pinned["reserved"] < 2 * pinned["exact"]
     # the 100x60 weight (24,000 B) takes 32 KiB; its two Adam moments the same
@@ -239,5 +239,5 @@ def test_pinned_bytes_counts_a_staged_flat_buffer_once():
     flat = torch.zeros(300)                       # 1200 bytes -> 2048 reserved
     snap = SimpleNamespace(_saved_params=[flat[:100], flat[100:250]], _saved_state=[flat[250:]],
                            _saved_buffers=[])
-    out = memory.pinned_bytes(SimpleNamespace(_safe=snap, _ring=[]))
+    out = memory.pinned_bytes(SimpleNamespace(safe_snapshot=snap, snapshot_history=[]))
     assert out == {"exact": 1200, "reserved": 2048}

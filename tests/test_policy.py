@@ -84,9 +84,9 @@ def test_ring_holds_only_verified_states():
     for t, b in enumerate(batches[:30]):
         step(m, opt, b, spike=1e4 if t in (7, 13) else 1.0)
         if opt.last_decision == "accept":
-            verified[opt._safe.step] = [p.detach().clone() for p in m.parameters()]
-    assert [s.step for s in opt._ring] and len(opt._ring) == 2
-    for snap in opt._ring:
+            verified[opt.safe_snapshot.step] = [p.detach().clone() for p in m.parameters()]
+    assert [s.step for s in opt.snapshot_history] and len(opt.snapshot_history) == 2
+    for snap in opt.snapshot_history:
         saved = snap.state_dict()["params"]
         assert all(torch.equal(a, b) for a, b in zip(saved, verified[snap.step]))
 

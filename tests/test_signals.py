@@ -326,12 +326,12 @@ def test_loss_spike_on_the_verified_state_is_the_batch_not_damage():
     m, opt = guarded(signals=[NonFinite(), GradientSpike(), LossSpike()], probe_every=10)
     _, batches = tiny.data(steps=45)
     run(m, opt, batches[:30])                 # verified right after step 29's proposal
-    assert opt._live_is_safe
+    assert opt.step_state.live_is_safe
     d = run(m, opt, batches[30:31], FaultSchedule([_ScaleLoss(30, 1, 300.0)]), start=30)
     assert d == [("accept", None)] and opt.stats["batch_loss_spikes"] == 1
     assert opt.stats["rollbacks"] == 0
     run(m, opt, batches[31:35], start=31)     # four unverified proposals
-    assert not opt._live_is_safe
+    assert not opt.step_state.live_is_safe
     with torch.no_grad():
         m[4].weight.mul_(1e3)                 # damage: the loss spikes on every batch
     d = run(m, opt, batches[35:36], start=35)
@@ -374,10 +374,10 @@ def test_loss_spike_on_weights_written_through_data_is_still_damage():
     m, opt = guarded(signals=[NonFinite(), LossSpike()], probe_every=10)
     _, batches = tiny.data(steps=32)
     run(m, opt, batches[:30])
-    assert opt._live_is_safe
+    assert opt.step_state.live_is_safe
     verified = weights_and_state(m, opt)
     m[4].weight.data.mul_(1e3)                # damage no counter sees
-    assert not opt._safe.written_since_capture()
+    assert not opt.safe_snapshot.written_since_capture()
     d = run(m, opt, batches[30:31], start=30)
     assert d == [("rollback", "loss_spike")] and opt.stats["batch_loss_spikes"] == 0
     tiny.assert_same(verified, weights_and_state(m, opt))

@@ -95,13 +95,13 @@ def everything(m, opt) -> dict:
     return {
         "train": tiny.full_state(m, opt),
         "groups": groups_content(opt),
-        "yhat": opt.yhat, "y0": opt.y0, "t": opt._t, "unverified": opt._unverified,
+        "yhat": opt.yhat, "y0": opt.y0, "t": opt.step_state.t, "unverified": opt.step_state.unverified,
         "last_decision": opt.last_decision,
         "stats": dict(opt.stats),
         "threshold": clone(opt.threshold.state_dict()),
         "signals": {s.name: clone(s.state_dict()) for s in opt.signals},
-        "safe": clone(opt._safe.state_dict()),
-        "ring": clone(opt._ring.state_dict()),
+        "safe": clone(opt.safe_snapshot.state_dict()),
+        "ring": clone(opt.snapshot_history.state_dict()),
     }
 
 
@@ -116,7 +116,7 @@ def trained_guard(steps=20, seed=0, **kw):
 def test_state_dict_round_trips_through_torch_save_weights_only(tmp_path):
     """torch.save + torch.load(weights_only=True) restores every guard field in a fresh guard."""
     m, opt = trained_guard(steps=20)
-    assert opt._safe.captured and len(opt._ring) > 0  # snapshot and ring are really in the dict
+    assert opt.safe_snapshot.captured and len(opt.snapshot_history) > 0  # snapshot and ring are really in the dict
     spike = next(s for s in opt.signals if isinstance(s, GradientSpike))
     assert spike.count > 0 and spike.buffer is not None
 
@@ -135,8 +135,8 @@ def test_state_dict_round_trips_through_torch_save_weights_only(tmp_path):
     opt2.restore_rng_state(loaded)                         # ... until asked
 
     assert opt2.yhat == opt.yhat and opt2.y0 == opt.y0
-    assert opt2._t == opt._t and opt2._unverified == opt._unverified
-    assert opt2._consecutive == opt._consecutive and opt2._since_push == opt._since_push
+    assert opt2.step_state.t == opt.step_state.t and opt2.step_state.unverified == opt.step_state.unverified
+    assert opt2.step_state.consecutive == opt.step_state.consecutive and opt2.step_state.since_push == opt.step_state.since_push
     assert opt2.last_decision == opt.last_decision == "accept"
     assert opt2.stats == opt.stats
     assert opt2.threshold.state_dict() == opt.threshold.state_dict()
@@ -145,7 +145,7 @@ def test_state_dict_round_trips_through_torch_save_weights_only(tmp_path):
     assert (spike2.count, spike2.consecutive, spike2.rebaselines) == \
         (spike.count, spike.consecutive, spike.rebaselines)
     assert expected["guard"]["safe"] is None and expected["guard"]["safe_is_live"]  # not copied twice
-    assert_deep_equal(opt2._ring.state_dict(), opt._ring.state_dict())
+    assert_deep_equal(opt2.snapshot_history.state_dict(), opt.snapshot_history.state_dict())
     assert torch.equal(torch.get_rng_state(), expected["guard"]["rng"]["cpu"])
     # and the whole dict written back out is the one that was read in
     assert_deep_equal(opt2.state_dict(), expected)
@@ -189,7 +189,7 @@ def test_resume_is_bit_identical_with_a_rollback_onto_the_loaded_snapshot(
     opt = make_guard(m, probe_every=probe_every)
     train(m, opt, first)
     assert opt.stats["skipped"] == 0 and opt.stats["rollbacks"] == 0
-    assert opt._unverified == 0  # 30 is a multiple of probe_every: the resume point is verified
+    assert opt.step_state.unverified == 0  # 30 is a multiple of probe_every: the resume point is verified
     torch.save(m.state_dict(), tmp_path / "model.pt")
     torch.save(opt.state_dict(), tmp_path / "opt.pt")
     at_save = {k: v.detach().clone() for k, v in m.state_dict().items()}
@@ -268,7 +268,7 @@ def test_bare_adamw_state_dict_loads_and_training_continues_exactly(tmp_path):
     opt.load_state_dict(torch.load(tmp_path / "bare.pt", weights_only=True))
     assert opt.yhat == opt.y0 is not None and opt.last_decision is None  # y(theta_0), measured now
     # theta_safe <- the loaded state (Algorithm 1, line 3), nothing older
-    assert opt._safe.captured and opt._safe.step == 0 and len(opt._ring) == 0
+    assert opt.safe_snapshot.captured and opt.safe_snapshot.step == 0 and len(opt.snapshot_history) == 0
     assert all(v == 0 for v in opt.stats.values())
     assert opt.state[next(m2.parameters())]["step"].item() == 10  # inner state is the bare one
 
@@ -291,10 +291,10 @@ def test_bare_state_dict_resets_all_guard_state_of_a_used_guard():
     opt.load_state_dict(clone(bare.state_dict()))
 
     fresh = make_guard(tiny.model(seed=0))
-    assert opt.yhat == opt.y0 is not None and opt._t == 0      # measured afresh at the load
+    assert opt.yhat == opt.y0 is not None and opt.step_state.t == 0      # measured afresh at the load
     assert opt.stats == fresh.stats
-    assert opt._safe.captured and opt._safe.step == 0 and len(opt._ring) == 0
-    assert opt._safe.matches_live_params()
+    assert opt.safe_snapshot.captured and opt.safe_snapshot.step == 0 and len(opt.snapshot_history) == 0
+    assert opt.safe_snapshot.matches_live_params()
     assert opt.threshold.state_dict() == fresh.threshold.state_dict()
     assert_deep_equal({s.name: s.state_dict() for s in opt.signals},
                       {s.name: s.state_dict() for s in fresh.signals})

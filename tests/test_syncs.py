@@ -12,7 +12,9 @@ user's code and torch's internals (the single-tensor Adam path calls ``.item()``
 ``step`` tensors) do not count. ``tests/test_cuda.py`` runs the same counter on a GPU.
 
 Sites are named ``file:function`` (not lines: guard.py moves), e.g. ``FLAGS`` is the one
-``.tolist()`` of the packed flag vector in ``GuardedOptimizer._read_flags``.
+``.tolist()`` of the packed flag vector read by ``GuardedOptimizer._read``. Every transfer
+goes through one readout path (``GuardedOptimizer._readout``): its reads are named by the
+reading that called it.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from guarded_optim.signals.probe import probe_value
 
 #: the step's one transfer: pre-step flags (+ the live state's post-step flags when it is
 #: verified), the gradient norm and GradScaler's overflow, packed, read with one ``tolist``
-FLAGS = "guard.py:_read_flags"
+FLAGS = "guard.py:_read"
 #: a measured step's second transfer: the probe value and the proposal's post-step flags
 MEASURE = "guard.py:_measure_proposal"
 #: one probe value read on its own (``float(out.item())``): the reference y(theta_0) and the
@@ -45,7 +47,7 @@ MEASURE = "guard.py:_measure_proposal"
 PROBE = "signals/probe.py:probe_value"
 #: the re-run rung (ladder): the two training losses and the re-run's gradient norm
 #: ``state_dict()`` of a probe-less guard with unverified steps verifies the live state
-SETTLE = "guard.py:_settle_verification"
+SETTLE = "guard.py:_read"   # the same reading of the post-step flags, at save time
 #: GradientSpike's state is host-side: its ``state_dict`` builds CPU tensors, and loading
 #: them (at construction too: every guard starts from its signals' initial state) reads
 #: them back, no sync on CUDA either
@@ -127,6 +129,8 @@ class HostReads:
     # -- the patches ---------------------------------------------------------------------------
     def _record(self, kind: str) -> None:
         frame = sys._getframe(2)          # the caller of the patched method
+        if frame.f_code.co_name == "_readout":   # the one readout path: name the reading
+            frame = frame.f_back
         filename = frame.f_code.co_filename
         if _PKG not in filename:
             return
@@ -263,7 +267,7 @@ def test_unmeasured_accepted_step_reads_one_value_batch(reads):
     assert opt.probe_every == VERIFY_EVERY == 10
     per_step = _train(reads, m, opt, batches[:VERIFY_EVERY])
     assert per_step == [[FLAGS]] * (VERIFY_EVERY - 1) + [[FLAGS, FLAGS]]
-    assert opt.stats["accepted"] == VERIFY_EVERY and opt._unverified == 0
+    assert opt.stats["accepted"] == VERIFY_EVERY and opt.step_state.unverified == 0
 
 
 def test_unmeasured_steps_of_a_probed_guard_read_once(reads):
@@ -279,14 +283,14 @@ def test_probe_less_verification_step_checks_after_its_proposal_and_captures(rea
     steps) and issues the capture at once, to overlap the next forward and backward."""
     m, opt, batches, _ = _problem()
     _train(reads, m, opt, batches[:VERIFY_EVERY - 1])
-    assert opt._safe.step == 0
+    assert opt.safe_snapshot.step == 0
     assert _step(reads, m, opt, batches[VERIFY_EVERY - 1]) == [FLAGS, FLAGS]
-    assert opt._safe.step == VERIFY_EVERY          # captured: the live state was verified
+    assert opt.safe_snapshot.step == VERIFY_EVERY          # captured: the live state was verified
     assert {s.name for s in opt._post} <= set(opt.last_event.signals)   # checked in that read
     # the next stretch costs the same again
     per_step = _train(reads, m, opt, batches[VERIFY_EVERY:2 * VERIFY_EVERY])
     assert per_step == [[FLAGS]] * (VERIFY_EVERY - 1) + [[FLAGS, FLAGS]]
-    assert opt._safe.step == 2 * VERIFY_EVERY
+    assert opt.safe_snapshot.step == 2 * VERIFY_EVERY
 
 
 def test_cpu_only_norm_repair_reads_are_cpu_tensors(reads):
@@ -321,14 +325,14 @@ def test_skip_with_unverified_steps_reads_the_post_step_flags_too(reads):
     m, opt, batches, _ = _problem()
     _train(reads, m, opt, batches[:3])
     assert _step(reads, m, opt, batches[3], nan_grad=True) == [FLAGS, FLAGS]
-    assert opt.last_decision == "skip" and opt._unverified == 3   # checked, not captured
+    assert opt.last_decision == "skip" and opt.step_state.unverified == 3   # checked, not captured
 
 
 def test_skip_at_a_verification_step_reads_once(reads):
     m, opt, batches, _ = _problem()
     _train(reads, m, opt, batches[:VERIFY_EVERY])
     assert _step(reads, m, opt, batches[VERIFY_EVERY], nan_grad=True) == [FLAGS]
-    assert opt.last_decision == "skip" and opt._safe.step == VERIFY_EVERY
+    assert opt.last_decision == "skip" and opt.safe_snapshot.step == VERIFY_EVERY
 
 
 # -- (5) rollbacks ---------------------------------------------------------------------------
@@ -382,7 +386,7 @@ def test_ring_push_and_escalation_add_no_read_on_cpu(reads):
     m, opt, batches, probe = _problem(probe=True, history=2, checkpoint_every=1,
                                       max_consecutive_rejections=2)
     assert _train(reads, m, opt, batches[:4]) == [[FLAGS, MEASURE]] * 4
-    assert len(opt._ring) == 2
+    assert len(opt.snapshot_history) == 2
     probe.scale = 1e6
     assert _train(reads, m, opt, batches[4:6]) == [[FLAGS, MEASURE]] * 2
     assert opt.last_event.action == "escalate" and opt.stats["escalations"] == 1

@@ -5,7 +5,7 @@ For each model (the reference GPT-style char model and MLPs of 0.1M to 10M param
 with a probe every step) :func:`run` measures, nothing typed in:
 
 * **held beyond bare**, per parameter: the guard's own tensors -- the safe snapshot
-  (``guard._safe.nbytes()``), the older snapshots of ``history`` (``guard._ring``) and the
+  (``guard.safe_snapshot.nbytes()``), the older snapshots of ``history`` (``guard.snapshot_history``) and the
   tensors in the signals' state -- counted by walking them; and the same growth read from
   the process's resident memory (``VmRSS`` before and after wrapping a trained bare AdamW
   in the guard and stepping it), with the peak RSS of the bare and the guarded phase;
@@ -145,7 +145,7 @@ def held_bytes(guard: GuardedOptimizer) -> dict[str, int]:
             if id(t) not in seen:
                 seen.add(id(t))
                 signals += t.numel() * t.element_size()
-    return {"snapshot": guard._safe.nbytes(), "ring": sum(s.nbytes() for s in guard._ring),
+    return {"snapshot": guard.safe_snapshot.nbytes(), "ring": sum(s.nbytes() for s in guard.snapshot_history),
             "signals": signals}
 
 
@@ -176,7 +176,7 @@ def pinned_bytes(guard: GuardedOptimizer) -> dict[str, int]:
     flat buffer that staged tensors are slices of, :func:`~guarded_optim.snapshot.plan_groups`). Computed
     from the buffers' sizes whatever the mode and device: on CPU, what the same snapshot
     would pin on a CUDA machine."""
-    buffers = [t for snap in (guard._safe, *guard._ring) for t in _snapshot_buffers(snap)]
+    buffers = [t for snap in (guard.safe_snapshot, *guard.snapshot_history) for t in _snapshot_buffers(snap)]
     storages = {}   # one allocation per storage: staged buffers are slices of a flat one
     for t in buffers:
         st = t.untyped_storage()

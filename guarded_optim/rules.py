@@ -1,0 +1,71 @@
+"""The checks that run before anything is proposed, in order: small rule objects.
+
+Each rule reads the step's :class:`~guarded_optim.record.StepRecord` and returns a
+:class:`Ruling` (the step is decided here: nothing is proposed) or ``None`` (the next
+rule asks). The order is policy: the live state's damage first (it would be the base of
+any proposal), then GradScaler's overflow (its own routine skip; the signals learn
+nothing from it), then a quarantined batch, then the pre-step signals (or the ladder's
+overrule of them). :data:`PRE_PROPOSAL` lists them; the guard runs them top to bottom.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .outcome import Action, Decision
+from .record import StepRecord
+
+__all__ = ["Ruling", "AmpOverflow", "QuarantinedBatch", "SignalSkip", "PRE_PROPOSAL"]
+
+
+@dataclass(frozen=True)
+class Ruling:
+    """A step decided before its proposal: the decision, why, and the ``stats`` it counts
+    besides ``skipped``."""
+
+    decision: Decision
+    reasons: tuple[str, ...]
+    counters: tuple[str, ...] = ()
+
+
+class AmpOverflow:
+    """GradScaler found inf/NaN in the gradients: skip (``scaler.update()`` backs off)."""
+
+    def __call__(self, guard, rec: StepRecord) -> Ruling | None:
+        if not rec.reading.overflow:
+            return None
+        return Ruling(Decision.SKIP, ("amp_overflow",), ("skipped_amp_overflow",))
+
+
+class QuarantinedBatch:
+    """The batch was quarantined after a persistent rejection (:mod:`.ladder`, rung 4)."""
+
+    def __call__(self, guard, rec: StepRecord) -> Ruling | None:
+        if rec.batch_id is None or rec.batch_id not in guard.ladder.quarantine:
+            return None
+        return Ruling(Decision.SKIP, ("quarantined",), ("skipped_quarantined",))
+
+
+class SignalSkip:
+    """A pre-step signal fired: skip, unless the ladder's overrule lets the probe decide
+    (then the step goes on, marked ``flagged``, and the rule records the overrule)."""
+
+    def __call__(self, guard, rec: StepRecord) -> Ruling | None:
+        flagged = rec.flagged
+        if not flagged:
+            return None
+        st, overrule = guard.step_state, guard.ladder.overrule
+        if overrule is not None and overrule.applies(guard, flagged):
+            st.stats["overruled"] += 1
+            st.skips_in_row = 0
+            rec.overruled = rec.m.flagged = True
+            rec.actions.append(Action.OVERRULE)
+            return None
+        guard._learn(rec.pre, rec.m, False, rec.reading.fired)
+        st.skips_in_row += 1
+        names = tuple(s.name for s in flagged)
+        return Ruling(Decision.SKIP, names, tuple(f"skipped_{n}" for n in names))
+
+
+#: the pre-proposal rules, in the order the guard asks them
+PRE_PROPOSAL = (AmpOverflow(), QuarantinedBatch(), SignalSkip())
