@@ -42,7 +42,8 @@ def _step(m, opt, x, y):
 
 def _delay_side_stream(opt):
     """Make the next capture sit behind a sleep on the side stream."""
-    stream = opt.safe_snapshot._side_stream()
+    snap = opt.safe_snapshot
+    stream = snap._transport.side_stream(next(p.device for p in snap._layout.params if p.is_cuda))
     with torch.cuda.stream(stream):
         torch.cuda._sleep(SLEEP_CYCLES)
 
@@ -96,8 +97,8 @@ def test_a_replaced_tensor_is_not_reused_mid_copy():
     old = opt.state[p]["exp_avg"]
     before = old.clone()
     _delay_side_stream(opt)
-    opt.safe_snapshot.capture(opt.step_state.t)
-    idx = next(i for i, t in enumerate(opt.safe_snapshot._live_state) if t is old)
+    opt.safe_snapshot.capture(opt._t)
+    idx = next(i for i, t in enumerate(opt.safe_snapshot._layout.state) if t is old)
     opt.state[p]["exp_avg"] = torch.zeros_like(before)   # the old tensor loses its user refs
     del old
     junk = torch.full_like(before, 7.0)                  # would take the freed block
@@ -180,7 +181,7 @@ def test_a_model_over_two_gpus_gets_a_stream_and_an_event_per_device():
         opt.zero_grad()
         b(a(x).to("cuda:1")).square().mean().backward()
         opt.step()
-    assert set(opt.safe_snapshot._streams) == {torch.device("cuda:0"), torch.device("cuda:1")}
+    assert set(opt.safe_snapshot._transport.streams) == {torch.device("cuda:0"), torch.device("cuda:1")}
     opt.safe_snapshot.synchronize()
     assert all(torch.equal(s.to(p.device), p) for s, p in zip(opt.safe_snapshot._saved_params, params))
 
@@ -283,7 +284,7 @@ def test_cuda_unmeasured_step_uploads_nothing(monkeypatch):
         assert reads.of("upload") == [], reads.calls
 
 
-# -- staged host copies (issue 15 item 9; guarded_optim/snapshot.py plan_groups) ------------
+# -- staged host copies (issue 15 item 9; guarded_optim/snapshot/transport.py plan_groups) ------------
 # Small contiguous tensors go through a bounded device chunk: one gather + one D2H copy per
 # round on the side stream. STAGE_BYTES is shrunk here so a capture takes several rounds
 # through the same chunk (its reuse is ordered by the side stream alone).
@@ -300,7 +301,7 @@ def test_staged_capture_in_flight_is_ordered_and_exact(monkeypatch):
     _step(m, opt, x, y)
     snap = opt.safe_snapshot
     assert snap._stage is not None and sum(len(r) for r in snap._stage.rounds.values()) > 1
-    expected = [t.detach().clone() for t in list(m.parameters()) + snap._live_state]
+    expected = [t.detach().clone() for t in list(m.parameters()) + snap._layout.state]
     torch.cuda.synchronize()
     _delay_side_stream(opt)
     snap.capture(opt.step_state.t)                        # several rounds, in flight behind the sleep
@@ -308,14 +309,14 @@ def test_staged_capture_in_flight_is_ordered_and_exact(monkeypatch):
     with torch.no_grad():
         for p in m.parameters():
             p.mul_(0)
-        for t in snap._live_state:
+        for t in snap._layout.state:
             t.zero_()
     snap.synchronize()
     saved = snap._saved_params + snap._saved_state
     assert all(torch.equal(a, b.to(a.device)) for a, b in zip(expected, saved))
     snap.restore()                              # staged H2D + scatter on the current stream
     torch.cuda.synchronize()
-    assert all(torch.equal(a, b) for a, b in zip(expected, list(m.parameters()) + snap._live_state))
+    assert all(torch.equal(a, b) for a, b in zip(expected, list(m.parameters()) + snap._layout.state))
 
 
 def test_staging_memory_is_bounded_and_transfers_are_one_per_round(monkeypatch):
@@ -344,9 +345,9 @@ def test_staging_memory_is_bounded_and_transfers_are_one_per_round(monkeypatch):
     snap.synchronize()
     assert torch.cuda.memory_allocated() == base            # the chunks are reused
     stages = [s for s in (snap._stage, snap._buffer_stage) if s is not None]
-    live = list(m.parameters()) + snap._live_state + snap._buffers
-    cuda_rest = sum(1 for s, ts in ((snap._stage, list(m.parameters()) + snap._live_state),
-                                    (snap._buffer_stage, snap._buffers)) if s is not None
+    live = list(m.parameters()) + snap._layout.state + snap._layout.buffers
+    cuda_rest = sum(1 for s, ts in ((snap._stage, list(m.parameters()) + snap._layout.state),
+                                    (snap._buffer_stage, snap._layout.buffers)) if s is not None
                     for i in s.rest if ts[i].is_cuda)
     rounds = sum(len(r) for s in stages for r in s.rounds.values())
     assert calls["d2h"] == rounds + cuda_rest < sum(t.is_cuda for t in live)

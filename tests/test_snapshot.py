@@ -167,9 +167,9 @@ def test_cuda_host_snapshot_is_pinned_async_and_exact():
     assert snap.mode == "host"
     allocated = torch.cuda.memory_allocated()
     snap.capture(step=2)
-    assert snap._streams                                       # a side stream per device
+    assert snap._transport.streams                            # a side stream per device
     # GPU memory: the staging chunks only, each at most STAGE_BYTES (512-byte blocks)
-    chunks = list(snap._chunks.values())
+    chunks = list(snap._transport.chunks.values())
     assert chunks and all(c.numel() <= snapshot.STAGE_BYTES for c in chunks)
     assert torch.cuda.memory_allocated() - allocated == sum(-(-c.numel() // 512) * 512 for c in chunks)
     assert all(t.is_pinned() for t in snap._saved_params + snap._saved_state)
@@ -320,7 +320,7 @@ def _copy_counter(monkeypatch, snap):
 
     def is_chunk(t):
         return any(t.untyped_storage().data_ptr() == c.untyped_storage().data_ptr()
-                   for c in snap._chunks.values())
+                   for c in snap._transport.chunks.values())
 
     def note(dst):
         if is_chunk(dst):
@@ -391,7 +391,7 @@ def test_staged_ring_copy_state_dict_and_added_params(staged_on_cpu, tmp_path):
     for clone in clones:                         # independent copies, views re-shared
         _train(m, opt, 1, seed=7)
         clone.optimizer, clone.module = opt, m   # same structure, rebound to the live objects
-        clone._params, clone._buffers = snapshot._flat_params(opt), list(m.buffers())
+        clone._layout.params, clone._layout.buffers = snapshot._flat_params(opt), list(m.buffers())
         clone.restore()
         tiny.assert_same(before, tiny.full_state(m, opt))
     loaded = Snapshot(opt, m, mode="host")
