@@ -18,17 +18,16 @@ import torch
 from . import rng, validation
 from .distributed import check_world_size, resolve_group, world_size
 from .snapshot import SnapshotRing
-from .state import from_saved
+from .state import LoadedLiveState, Pending, from_saved
 
-__all__ = ["STATE_VERSION", "guard_state", "fisher_source", "check_inner", "prepare",
-           "check_signal_state"]
+__all__ = ["STATE_VERSION", "guard_state", "fisher_source", "check_inner", "prepare", "load",
+           "check_signal_state", "restore_rng"]
 
 STATE_VERSION = 2
 
 
 def guard_state(opt) -> dict[str, Any]:
     """``state_dict()["guard"]`` of ``opt``: plain data (see ``GuardedOptimizer.state_dict``)."""
-    from .guard import LoadedLiveState
     loaded = opt._pending if isinstance(opt._pending, LoadedLiveState) else None
     live = loaded is not None or (opt._safe.captured and opt.step_state.live_is_safe
                                   and opt._pending is None)
@@ -118,7 +117,6 @@ def check_inner(opt, inner: dict[str, Any], key: str) -> None:
 
 def prepare(opt, saved: Any) -> Callable[[], None]:
     """Validate ``state_dict["guard"]`` and build its objects; return what commits them."""
-    from .guard import LoadedLiveState, Pending
     key = "state_dict['guard']"
     if not isinstance(saved, dict):
         raise TypeError(f"{key} must be a dict, got {type(saved).__name__}.")
@@ -215,3 +213,46 @@ def check_signal_state(key: str, state: Any) -> None:
                 walk(v, f"{where}[{i}]")
 
     walk(state, key)
+
+
+def load(opt, state_dict: dict[str, Any]) -> None:
+    """``opt.load_state_dict(state_dict)`` after its pre-hooks: a guarded layout (this
+    release's, or 0.1.0's ``{"inner", "guard"}``) or a bare optimizer's (the guard resets).
+    Everything is checked before anything changes."""
+    if "guard" not in state_dict:
+        if "inner" in state_dict or not {"state", "param_groups"} <= state_dict.keys():
+            raise ValueError(f"state_dict has keys {sorted(state_dict)}; expected an "
+                             "optimizer state_dict ('state', 'param_groups', and 'guard' "
+                             "from GuardedOptimizer.state_dict()).")
+        check_inner(opt, state_dict, "state_dict")
+        opt.inner.load_state_dict(state_dict)  # a bare optimizer's checkpoint
+        opt._reset_guard_state()
+        return
+    if "inner" in state_dict:   # 0.1.0's layout
+        if set(state_dict) != {"inner", "guard"}:
+            raise ValueError(f"state_dict has keys {sorted(state_dict)}; expected "
+                             "'state', 'param_groups' and 'guard'.")
+        inner, key = state_dict["inner"], "state_dict['inner']"
+    else:
+        inner, key = {k: v for k, v in state_dict.items() if k != "guard"}, "state_dict"
+    if not isinstance(inner, dict) or not {"state", "param_groups"} <= inner.keys():
+        raise ValueError(f"{key} must hold the inner optimizer's 'state' and "
+                         "'param_groups'; pass the unmodified output of state_dict().")
+    check_inner(opt, inner, key)
+    commit = prepare(opt, state_dict["guard"])
+    opt.inner.load_state_dict(inner)  # validates before it mutates
+    commit()
+
+
+def restore_rng(state_dict: Any) -> None:
+    """Set this process's RNG streams to those ``state_dict["guard"]["rng"]`` holds
+    (``ValueError`` for a state saved by another rank)."""
+    guard = state_dict.get("guard") if isinstance(state_dict, dict) else None
+    state = guard.get("rng") if isinstance(guard, dict) else None
+    rng.check(state)
+    here = rng.capture()["rank"]
+    if int(state.get("rank", 0)) != here:
+        raise ValueError(f"state_dict['guard']['rng'] was saved by rank {state.get('rank')}, "
+                         f"this is rank {here}: each rank restores its own streams (save "
+                         "opt.state_dict() per rank, e.g. to f'opt_rank{rank}.pt').")
+    rng.restore(state)

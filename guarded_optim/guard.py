@@ -1,44 +1,26 @@
 """GuardedOptimizer: propose -> measure -> accept or roll back (paper 001, Algorithm 1).
 
-One call of ``step()``:
-
-1. *measure before*: the pre-step signals read the training loss and the global gradient
-   norm (non-finite, spike). If one fires the step is SKIPPED: nothing is applied, nothing
-   is restored. All flags come to the host in one transfer: the only sync of the step.
-   Under a process group that transfer is first summed across ranks (one all_reduce,
-   :mod:`.distributed`), so every rank takes the same decision; so is step 3's.
-2. *propose*: ``inner.step()`` (after waiting for a pending asynchronous snapshot).
-3. *measure*: every ``probe_every``-th applied step, ``y = probe()`` on the proposed
-   parameters; innovation ``nu = y - yhat``.
-4. *decide*: accept iff ``nu <= epsilon_t``: ``yhat`` <- EWMA, the safe snapshot <- the
-   accepted state. Otherwise roll back to the safe snapshot; ``yhat`` is unchanged.
+One ``step()`` runs its phases top to bottom (``_guarded_step``; docs/architecture.md
+draws them as data flow): read the pre-step flags in one transfer (:mod:`.record`), judge
+the live state, ask the pre-proposal rules (:mod:`.rules`), propose (:mod:`.inner`),
+measure the proposal with the probe, and accept or reject, climbing the ladder's rungs
+(:mod:`.ladder`). Under a process group every transfer is agreed across ranks first
+(:mod:`.distributed`). The step's counters are one record (:mod:`.state`); its outcomes
+are values (:mod:`.outcome`).
 
 Invariants (tested): every accepted measured step satisfies ``y <= yhat + epsilon_t``
 (Theorem 7.3); after a rollback params, optimizer state and buffers equal the last
-accepted state bit for bit (Proposition 7.4), while the RNG streams move on (a rollback
-never replays the batch or the dropout masks that caused it: :mod:`.rng`); with a fixed
-``epsilon``, ``max_k y(theta_k) <= y(theta_0) + t * epsilon`` (Proposition 7.5); a run in
-which the guard never intervenes is bit-identical to the bare optimizer's; a ``step()``
-that raises leaves counters, parameters and state as they were. Two departures from
-Algorithm 1 are the escalation ladder (:mod:`.ladder`): a rejected step is first re-run in
-place (with a closure; accepted if the re-run's proposal passes), and after
-``max_consecutive_rejections`` rejections in a row the guard rolls back to an older
-verified snapshot (if ``history`` keeps any), and when none is left it stops with
-:class:`~guarded_optim.ladder.GuardStopped` (or re-baselines ``yhat`` with
-``Ladder(on_exhausted="rebaseline")``); every rung is counted in ``stats``, logged and
-reported in the events. ``max_consecutive_rejections=None, ladder=Ladder(rerun=None)``
-gives Algorithm 1 exactly.
+accepted state bit for bit (Proposition 7.4), while the RNG streams move on (:mod:`.rng`);
+with a fixed ``epsilon``, ``max_k y(theta_k) <= y(theta_0) + t * epsilon`` (Proposition
+7.5); a run in which the guard never intervenes is bit-identical to the bare optimizer's;
+a ``step()`` that raises leaves counters, parameters and state as they were.
+``max_consecutive_rejections=None, ladder=Ladder(rerun=None)`` gives Algorithm 1 exactly.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import enum
-import logging
-import math
 import warnings
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
@@ -46,94 +28,24 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from . import checkpoint, rng
+from .amp import amp_unscale, found_inf
 from .config import VERIFY_EVERY, configure
 from .distributed import AUTO, agree, agree_host, full_value, pack, resolve_group, world_size
 from .events import StepEvent
+from .inner import accelerator, global_step_hooks_muted, on_meta, propose
 from .innovation import Threshold, accepts, ewma, innovation
 from .ladder import GuardStopped, Ladder, _plain_id
-from .logs import RateLimitedLog
+from .logs import RateLimitedLog, log_step, stop_message
 from .outcome import Action, Decision
 from .policy import RecoveryAction
-from .record import Reading, StepRecord, fired_names
-from .rules import PRE_PROPOSAL, Ruling
+from .record import Reading, StepRecord, fired_names, pack_reading, unpack_reading
+from .rules import PRE_PROPOSAL, Ruling, batch_explains
 from .signals import StepMeasurement, Verdict, global_grad_norm
-from .signals.base import host_judge
-from .signals.probe import ProbeError, call_probe, check_initial, probe_value
+from .signals.probe import check_initial, measure_agreed, remote_probe_error, try_probe
 from .snapshot import Snapshot, SnapshotRing
-from .state import StepState
+from .state import Cadence, LoadedLiveState, Pending, StepState, stat_names
 
-__all__ = ["GuardedOptimizer", "VERIFY_EVERY"]
-
-
-def amp_unscale(grads: list[torch.Tensor], grad_scale: torch.Tensor) -> torch.Tensor:
-    """Divide ``grads`` by ``grad_scale`` in place; return ``found_inf`` (1.0 if any is non-finite).
-
-    The kernel and the reciprocal are GradScaler's own (``unscale_``), so the result is bit
-    for bit what ``scaler.unscale_`` gives. No host sync.
-    """
-    found_inf = torch.zeros((), dtype=torch.float32, device=grad_scale.device)
-    inv_scale = grad_scale.double().reciprocal().float()
-    groups: dict[tuple, list[torch.Tensor]] = {}
-    for g in grads:
-        groups.setdefault((g.device, g.dtype), []).append(g._values() if g.is_sparse else g)
-    with torch.no_grad():
-        for (device, _), group in groups.items():
-            local = found_inf.to(device) if device != found_inf.device else found_inf
-            torch._amp_foreach_non_finite_check_and_unscale_(group, local, inv_scale.to(device))
-            if local is not found_inf:
-                found_inf += local.to(found_inf.device)
-    return found_inf
-
-
-def _replay(loss: Any, closure: Callable | None) -> Callable | None:
-    """A closure whose first call returns ``loss`` (already computed) and later calls recompute.
-
-    Optimizers that evaluate the closure once (Adam, SGD) get the cached loss; those that
-    evaluate it again (LBFGS) get fresh evaluations after the first.
-    """
-    if closure is None:
-        return None
-    first = [True]
-
-    def cached():
-        if first[0]:
-            first[0] = False
-            return loss
-        with torch.enable_grad():
-            return closure()
-
-    return cached
-
-
-@contextlib.contextmanager
-def _global_step_hooks_muted():
-    """Run the inner optimizer's ``step`` without torch's global step hooks: they fire once
-    per ``guard.step()``, with the guard as ``opt`` (the inner optimizer's own hooks still
-    fire). Free when no global hook is registered."""
-    hooks = (_global_optimizer_pre_hooks, _global_optimizer_post_hooks)
-    if not any(hooks):
-        yield
-        return
-    saved = [dict(h) for h in hooks]
-    for h in hooks:
-        h.clear()
-    try:
-        yield
-    finally:
-        for h, s in zip(hooks, saved):
-            added = dict(h)
-            h.clear()
-            h.update(s)
-            h.update(added)
-
-
-def _try_probe(probe: Callable[[], Any], module: torch.nn.Module | None) -> tuple[Any, ProbeError | None]:
-    """``(output, None)``, or ``(nan, error)`` when the probe raised: the error is agreed
-    with the other ranks before anyone raises it (a rank raising alone would hang them)."""
-    try:
-        return call_probe(probe, module), None
-    except ProbeError as exc:
-        return math.nan, exc
+__all__ = ["GuardedOptimizer", "VERIFY_EVERY", "amp_unscale"]
 
 
 def _batch_id(x: Any) -> Any:
@@ -147,46 +59,17 @@ def _batch_id(x: Any) -> Any:
     return x
 
 
-def _remote_probe_error() -> ProbeError:
-    return ProbeError("the probe raised on another rank; every rank rolled back to the last "
-                      "verified state (see that rank's error for the cause).")
+def _view(path: str, doc: str) -> property:
+    """A read-only attribute of the guard that reads ``path`` (``"step_state.yhat"``)."""
+    first, *rest = path.split(".")
 
+    def get(self):
+        value = getattr(self, first)
+        for name in rest:
+            value = getattr(value, name)
+        return value
 
-@dataclass(frozen=True)
-class Cadence:
-    """When the live state is verified: every ``every``-th applied step. With a probe the
-    probe measures that step's proposal; without one (``live``) the post-step signals
-    check the live state: right after the proposal when ``every > 1`` (its capture then
-    overlaps the next forward and backward), at the next step's start when ``every == 1``
-    (damage written between steps is then seen before anything is proposed on it)."""
-
-    every: int
-    probe: bool      # a probe measures proposals
-    live: bool       # no probe, and some signal can reject: the signals verify the live state
-
-    def measures(self, unverified: int) -> bool:
-        """With ``unverified`` applied steps since the verified state, the probe measures."""
-        return self.probe and unverified >= self.every
-
-    def due_at_start(self, unverified: int) -> bool:
-        return self.live and unverified >= self.every
-
-    def due_after_proposal(self, unverified: int) -> bool:
-        return self.every > 1 and self.due_at_start(unverified)
-
-
-class Pending(enum.Enum):
-    """What a construction or a load left for the first step to settle."""
-
-    REFERENCE = "reference"   #: the reference y(theta_0), re-taken if the weights were written
-
-
-@dataclass(frozen=True)
-class LoadedLiveState:
-    """A loaded checkpoint whose verified state is its live state: captured at the first step."""
-
-    step: int
-    meta: dict
+    return property(get, doc=doc)
 
 
 class GuardedOptimizer(Optimizer):
@@ -338,58 +221,21 @@ class GuardedOptimizer(Optimizer):
         probe = self.probe is not None
         return Cadence(self.probe_every, probe, not probe and self._uses_snapshots)
 
-    @property
-    def max_consecutive_rejections(self) -> int | None:
-        return self.ladder.budget.limit
-
-    @property
-    def checkpoint_every(self) -> int:
-        return self.ladder.reach_back.checkpoint_every
-
-    @property
-    def save_history(self) -> bool:
-        return self.ladder.reach_back.save_history
-
-    # the step state (one record, :mod:`.state`) and the verified snapshots, read-only
-    @property
-    def yhat(self) -> float | None:
-        """EWMA of accepted probe measurements (the paper's reference)."""
-        return self.step_state.yhat
-
-    @property
-    def y0(self) -> float | None:
-        """The first probe measurement."""
-        return self.step_state.y0
-
-    @property
-    def stats(self) -> dict[str, int]:
-        return self.step_state.stats
-
-    @property
-    def last_decision(self) -> str | None:
-        return self.step_state.last_decision
-
-    @property
-    def last_event(self) -> StepEvent | None:
-        return self.step_state.last_event
-
-    @property
-    def safe_snapshot(self) -> Snapshot:
-        """The last verified state (what a rollback restores)."""
-        return self._safe
-
-    @property
-    def snapshot_history(self) -> SnapshotRing:
-        """Older verified states (``history``), newest last."""
-        return self._ring
+    # settings the ladder's rungs own, the step state (:mod:`.state`), the verified states
+    max_consecutive_rejections = _view("ladder.budget.limit", "The budget rung's limit.")
+    checkpoint_every = _view("ladder.reach_back.checkpoint_every", "Verifications per push.")
+    save_history = _view("ladder.reach_back.save_history", "Whether the history is saved.")
+    yhat = _view("step_state.yhat", "EWMA of accepted probe measurements (the reference).")
+    y0 = _view("step_state.y0", "The first probe measurement.")
+    stats = _view("step_state.stats", "Counts of every decision, rung and signal (plain ints).")
+    last_decision = _view("step_state.last_decision", "``\"accept\"``, ``\"rollback\"`` or ``\"skip\"``.")
+    last_event = _view("step_state.last_event", "The last step's :class:`StepEvent`.")
+    safe_snapshot = _view("_safe", "The last verified state (what a rollback restores).")
+    snapshot_history = _view("_ring", "Older verified states (``history``), newest last.")
 
     def _accelerator(self) -> torch.device | None:
         """The device of the first parameter not on the CPU (where NCCL reduces), if any."""
-        for g in self.param_groups:
-            for p in g["params"]:
-                if p.device.type != "cpu":
-                    return p.device
-        return None
+        return accelerator(self.param_groups)
 
     def _agreed(self, flag: bool) -> bool:
         """A rank-local decision that gates a collective (or the ring's length), made the
@@ -401,10 +247,7 @@ class GuardedOptimizer(Optimizer):
 
     def _on_meta(self) -> bool:
         """Meta parameters hold no values: the guard then steps exactly as the bare optimizer."""
-        for g in self.param_groups:
-            for p in g["params"]:
-                return p.is_meta
-        return False
+        return on_meta(self.param_groups)
 
     def _reset_guard_state(self) -> None:
         """Fresh guard: no reference, counters at zero, theta_safe <- theta_0 (Algorithm 1, l. 3).
@@ -423,18 +266,10 @@ class GuardedOptimizer(Optimizer):
             a.load_state_dict(sd)
         self._ring.drop_from(-1)
         self._safe = self._new_snapshot()
-        self.step_state = StepState.fresh(self._stat_names())
+        self.step_state = StepState.fresh(stat_names(self.signals))
         self._pending: Pending | LoadedLiveState | None = Pending.REFERENCE
         if self._uses_snapshots and not self._on_meta():
             self._take_reference()
-
-    def _stat_names(self) -> list[str]:
-        return ["steps", "accepted", "rollbacks", "skipped", "measured", "escalations",
-                "rebaselines", "escapes", "skipped_amp_overflow", "reruns", "transient",
-                "persistent", "quarantined", "skipped_quarantined", "stops", "overruled",
-                "batch_loss_spikes",
-                *(f"skipped_{s.name}" for s in self.signals if s.verdict is Verdict.SKIP),
-                *(f"failures_{s.name}" for s in self.signals if s.verdict is Verdict.FAILURE)]
 
     # -- the inner optimizer's attributes are the guard's ---------------------------------
     @property
@@ -486,7 +321,7 @@ class GuardedOptimizer(Optimizer):
         return dict(self.__dict__)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        self.__dict__ = dict(state)   # a new instance (pickle, deepcopy): its whole state
 
     def __deepcopy__(self, memo: dict) -> "GuardedOptimizer":
         """An independent copy: its own inner optimizer, parameters and snapshots. A probe or
@@ -527,7 +362,7 @@ class GuardedOptimizer(Optimizer):
                                "backward only, and call opt.step() outside the graph.")
         with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
             if self._on_meta():
-                with _global_step_hooks_muted():
+                with global_step_hooks_muted():
                     loss = self.inner.step(closure)
                 rec = None
             else:
@@ -540,7 +375,7 @@ class GuardedOptimizer(Optimizer):
             for callback in self.callbacks:   # the step is committed: an error here undoes nothing
                 callback(rec.event)
             if Action.STOP in rec.actions:
-                raise GuardStopped(self._stop_message(rec.event))
+                raise GuardStopped(stop_message(self, rec.event))
         return loss
 
     # torch.compile of a loop that calls step() graph-breaks here instead of tracing (and
@@ -603,7 +438,7 @@ class GuardedOptimizer(Optimizer):
         one only when a pre-step signal fires on unverified steps: they are checked now)."""
         st = self.step_state
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        overflow = self._amp_unscale(grads)   # GradScaler's found_inf (None without AMP)
+        overflow = found_inf(self, grads)   # GradScaler's found_inf (None without AMP)
         m = StepMeasurement(st.t, full_value(global_grad_norm(grads)),
                             loss if isinstance(loss, torch.Tensor) else None, self.inner)
         group, pre = resolve_group(self.process_group), self._pre
@@ -612,7 +447,7 @@ class GuardedOptimizer(Optimizer):
         if st.unverified and not checked and any(reading.fired):   # a warning: verify now
             checked = self._post
             reading.state_fired = self._read(m, [], checked, None, group).state_fired
-        if self._batch_explains(pre, reading.fired):   # theta_t is verified: the batch is new
+        if batch_explains(self, pre, reading.fired):   # theta_t is verified: the batch is new
             reading.fired = [f and s.verdict is not Verdict.FAILURE for s, f in zip(pre, reading.fired)]
         event = StepEvent(st.t, Decision.SKIP.value, grad_norm=reading.grad_norm, batch_id=batch_id,
                           signals={s.name: f for s, f in zip(pre + checked,
@@ -621,28 +456,10 @@ class GuardedOptimizer(Optimizer):
 
     def _read(self, m: StepMeasurement, pre: list, checked: list,
               overflow: torch.Tensor | None, group: Any) -> Reading:
-        """The readout of a reading: the pre-step flags, the live state's post-step flags,
-        the gradient norm and GradScaler's overflow, packed and agreed over the ranks."""
-        device, dtype = m.grad_norm.device, m.grad_norm.dtype   # float64 (float32 on MPS)
-        signals = pre + checked
-        on_host = [host_judge(s) for s in signals]   # judged from the values read
-        parts = [s.measure(m).to(device, dtype).reshape(1)
-                 for s, judge in zip(signals, on_host) if judge is None]
-        k = len(parts)
-        loss = m.loss_mean()
-        parts.append(m.grad_norm.detach().reshape(1))
-        if loss is None and overflow is None:        # made on the device: no upload, no sync
-            parts.append(m.grad_norm.new_zeros(2))
-        else:
-            parts += [(t.reshape(1).to(device, dtype) if t is not None else m.grad_norm.new_zeros(1))
-                      for t in (loss, overflow)]
-        values = self._readout(parts, [k, k + 1], group)
-        m.grad_norm_value = values[k]
-        m.loss_value = values[k + 1] if loss is not None else None
-        measured = iter(values[:k])
-        fired = [judge(m) if judge is not None else bool(next(measured)) for judge in on_host]
-        return Reading(fired=fired[:len(pre)], state_fired=fired[len(pre):],
-                       grad_norm=values[k], overflow=bool(values[-1]))
+        """A reading (:func:`.record.pack_reading`): the pre-step flags, the live state's
+        post-step flags, the gradient norm and GradScaler's overflow, agreed over the ranks."""
+        parts, judges, k = pack_reading(m, pre + checked, overflow)
+        return unpack_reading(self._readout(parts, [k, k + 1], group), m, judges, len(pre))
 
     def _readout(self, parts: list[torch.Tensor], means: list[int], group: Any) -> list[float]:
         """The one readout path: pack, agree over the ranks (``means`` averaged, the rest
@@ -657,18 +474,9 @@ class GuardedOptimizer(Optimizer):
         return fired
 
     def _propose(self, rec: StepRecord, loss: Any, closure: Callable | None) -> None:
-        """Phase 4: ``inner.step()``, with the recovery actions' LR scale applied around it
-        only; the live state is then one more step from the verified one."""
-        scale = math.prod(a.lr_scale() for a in self.recovery)
-        base = [g["lr"] for g in self.param_groups] if scale != 1.0 else []
-        for g, lr in zip(self.param_groups, base):
-            g["lr"] = lr * scale
-        try:
-            with _global_step_hooks_muted():
-                self.inner.step(_replay(loss, closure))
-        finally:
-            for g, lr in zip(self.param_groups, base):
-                g["lr"] = lr
+        """Phase 4: ``inner.step()`` (:func:`.inner.propose`); the live state is then one more
+        step from the verified one."""
+        propose(self.inner, self.recovery, loss, closure)
         self.step_state.unverified += 1
         self.step_state.live_is_safe = False
 
@@ -678,14 +486,14 @@ class GuardedOptimizer(Optimizer):
         learn from it."""
         post, after = self._post, rec.m.after_proposal()
         post_flags = [s.measure(after) for s in post]
-        raw, error = _try_probe(self.probe, self.module)
+        raw, error = try_probe(self.probe, self.module)
         parts = [torch.as_tensor(raw).detach().to(rec.device, torch.float64).reshape(1)]
         parts += [f.to(rec.device, torch.float64).reshape(1) for f in post_flags]
         parts.append(torch.full((1,), float(error is not None), dtype=torch.float64, device=rec.device))
         values = self._readout(parts, [0], rec.group)   # probe mean, flags any-rank
         if values.pop():   # the probe raised on some rank: every rank restores and raises
             self._restore()  # never leave an unmeasured proposal behind
-            raise error or _remote_probe_error()
+            raise error or remote_probe_error()
         st, y, post_fired = self.step_state, values[0], [bool(v) for v in values[1:]]
         rec.event.signals.update((s.name, f) for s, f in zip(post, post_fired))
         st.stats["measured"] += 1
@@ -764,7 +572,7 @@ class GuardedOptimizer(Optimizer):
         st.stats["steps"] += 1
         st.last_decision, st.last_event = decision.value, event
         if decision is not Decision.ACCEPT:
-            self._log_event(rec)
+            log_step(self, rec)
         return rec
 
     # -- what the phases share ---------------------------------------------------------------
@@ -774,26 +582,6 @@ class GuardedOptimizer(Optimizer):
         that state (or the step it gates) stays. Never on a failed call."""
         for s, f in zip(signals, fired):
             s.observe(m, kept, f)
-
-    def _batch_explains(self, pre: list, fired: list[bool]) -> bool:
-        """Whether a pre-step FAILURE (a training-loss spike) fired on a live state that is
-        the verified one, nothing written since: no unverified change to blame, so the
-        batch is what differs (fresh data after a memorised shard) and the step goes on as
-        an ordinary one. Rolling it back would only skip the batch, and every batch after
-        it (the natural suite's ``adam_v_decay``: 20 rollbacks, then a re-base). Counted in
-        ``stats["batch_loss_spikes"]``. Checked by the version counters, then value for value
-        against the snapshot (a write through ``p.data`` bumps no counter): one pass over
-        the parameters, only when such a spike fires."""
-        if not any(f and s.verdict is Verdict.FAILURE for s, f in zip(pre, fired)):
-            return False
-        if not (self.step_state.live_is_safe and self._uses_snapshots):
-            return False
-        if self._agreed(self._safe.written_since_capture() or not self._safe.matches_live_params()):
-            return False          # the live state was written since it was verified
-        self.step_state.stats["batch_loss_spikes"] += 1
-        self._log("batch", logging.DEBUG, "step %d: training-loss spike on the verified state: "
-                  "the batch differs, nothing to roll back", self.step_state.t)
-        return True
 
     def _verify(self, step: int) -> None:
         """The live state is verified: it becomes the safe snapshot (and now and then a ring entry)."""
@@ -835,61 +623,11 @@ class GuardedOptimizer(Optimizer):
         st.live_is_safe = True
 
     def _measure_probe(self) -> float:
-        """One probe measurement outside the step's transfer, averaged over the ranks; a probe
-        that raises on any rank raises on every rank."""
-        raw, error = _try_probe(self.probe, self.module)
-        y = math.nan if error is not None else probe_value(raw)
-        y, failed = agree_host([y, float(error is not None)], [0], resolve_group(self.process_group),
-                               self._accelerator)
-        if failed:
-            raise error or _remote_probe_error()
-        return y
-
-    def _amp_unscale(self, grads: list[torch.Tensor]) -> torch.Tensor | None:
-        """GradScaler's ``found_inf`` for this step (``None`` outside ``scaler.step``).
-
-        With ``grad_scale`` set (the scaler's ``unscale_`` was not called), divide the
-        gradients by it here, once, in place, exactly as ``unscale_`` would.
-        """
-        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        if grad_scale is not None:
-            found = amp_unscale(grads, grad_scale)
-            found_inf = found if found_inf is None else found_inf.to(found.device) + found
-        return found_inf
+        """One probe measurement outside the step's transfer, agreed over the ranks."""
+        return measure_agreed(self.probe, self.module, resolve_group(self.process_group),
+                              self._accelerator)
 
     # -- what the user reads -----------------------------------------------------------------
-    def _stop_message(self, e: StepEvent) -> str:
-        return (f"GuardedOptimizer stopped at step {e.step}: {self.max_consecutive_rejections} "
-                f"proposals in a row were rejected ({e.reason}), and no older verified state is "
-                f"kept to reach back to. The model and optimizer hold the state verified at step "
-                f"{self._safe.step}; nothing rejected was applied. The run is not converging "
-                "from here as configured: save a checkpoint (opt.state_dict()), then resume with "
-                "a lower LR, look at the data around this step, keep older states "
-                "(history=N), or accept the new level with ladder=Ladder(on_exhausted="
-                f"'rebaseline'). stats: { {k: v for k, v in self.stats.items() if v} }")
-
-    _ESCALATIONS = {Action.ESCALATE: "reached back to an older verified state",
-                    Action.REBASELINE: "re-based the reference on the new level",
-                    Action.STOP: "stopped at the last verified state"}
-
-    def _log_event(self, rec: StepRecord) -> None:
-        e = rec.event
-        measured = "" if e.y is None else (f", probe {e.y:.4g} vs reference {e.yhat:.4g} "
-                                           f"(threshold +{e.threshold:.3g})")
-        grad = "" if e.grad_norm is None else f", gradient norm {e.grad_norm:.3g}"
-        if e.decision == Decision.SKIP.value:
-            level = logging.DEBUG if e.reason == "amp_overflow" else logging.INFO
-            self._log("skip", level, "step %d skipped (%s%s)", e.step, e.reason, grad)
-        else:
-            self._log("rollback", logging.INFO, "step %d rolled back to the state verified at "
-                      "step %d (%s%s%s)%s", e.step, self._safe.step, e.reason, measured, grad,
-                      f"; action: {e.action}" if e.action else "")
-        for action, what in self._ESCALATIONS.items():
-            if action in rec.actions:
-                self._log(action.value, logging.WARNING, "step %d: %d rejections in a row, %s "
-                          "(%s); stats: %s", e.step, self.max_consecutive_rejections or 0, what,
-                          e.reason, {k: v for k, v in self.stats.items() if v})
-
     # -- state_dict ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The inner optimizer's state_dict plus ``"guard"``: plain data (``weights_only=True``).
@@ -935,15 +673,7 @@ class GuardedOptimizer(Optimizer):
         continues bit for bit as it would have. ``load_state_dict`` never does this by
         itself. Raises ``ValueError`` for a state saved by another rank (save one file per
         rank to resume each rank's streams)."""
-        guard = state_dict.get("guard") if isinstance(state_dict, dict) else None
-        state = guard.get("rng") if isinstance(guard, dict) else None
-        rng.check(state)
-        here = rng.capture()["rank"]
-        if int(state.get("rank", 0)) != here:
-            raise ValueError(f"state_dict['guard']['rng'] was saved by rank {state.get('rank')}, "
-                             f"this is rank {here}: each rank restores its own streams (save "
-                             "opt.state_dict() per rank, e.g. to f'opt_rank{rank}.pt').")
-        rng.restore(state)
+        checkpoint.restore_rng(state_dict)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a guarded state (or a plain optimizer's, which resets the guard).
@@ -961,29 +691,6 @@ class GuardedOptimizer(Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        if "guard" not in state_dict:
-            if "inner" in state_dict or not {"state", "param_groups"} <= state_dict.keys():
-                raise ValueError(f"state_dict has keys {sorted(state_dict)}; expected an "
-                                 "optimizer state_dict ('state', 'param_groups', and 'guard' "
-                                 "from GuardedOptimizer.state_dict()).")
-            checkpoint.check_inner(self, state_dict, "state_dict")
-            self.inner.load_state_dict(state_dict)  # a bare optimizer's checkpoint
-            self._reset_guard_state()
-        else:
-            if "inner" in state_dict:   # 0.1.0's layout
-                if set(state_dict) != {"inner", "guard"}:
-                    raise ValueError(f"state_dict has keys {sorted(state_dict)}; expected "
-                                     "'state', 'param_groups' and 'guard'.")
-                inner, key = state_dict["inner"], "state_dict['inner']"
-            else:
-                inner = {k: v for k, v in state_dict.items() if k != "guard"}
-                key = "state_dict"
-            if not isinstance(inner, dict) or not {"state", "param_groups"} <= inner.keys():
-                raise ValueError(f"{key} must hold the inner optimizer's 'state' and "
-                                 "'param_groups'; pass the unmodified output of state_dict().")
-            checkpoint.check_inner(self, inner, key)
-            commit = checkpoint.prepare(self, state_dict["guard"])
-            self.inner.load_state_dict(inner)  # validates before it mutates
-            commit()
+        checkpoint.load(self, state_dict)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)

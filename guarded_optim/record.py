@@ -10,13 +10,16 @@ all read from it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from .events import StepEvent
 from .outcome import Action, Decision, joined
-from .signals import StepMeasurement, Verdict
+import torch
 
-__all__ = ["Reading", "StepRecord", "fired_names"]
+from .signals import StepMeasurement, Verdict
+from .signals.base import host_judge
+
+__all__ = ["Reading", "StepRecord", "fired_names", "pack_reading", "unpack_reading"]
 
 
 def fired_names(signals: list, fired: list[bool]) -> list[str]:
@@ -33,6 +36,39 @@ class Reading:
     state_fired: list[bool]    # post-step signals on the live, unverified state, in order
     grad_norm: float           # mean over the ranks
     overflow: bool             # GradScaler found inf/NaN on some rank
+
+
+def pack_reading(m: StepMeasurement, signals: list, overflow: torch.Tensor | None
+                 ) -> tuple[list[torch.Tensor], list[Callable | None], int]:
+    """The parts of a reading's transfer: the flags of ``signals`` not judged on the host,
+    then the gradient norm, the mean loss and ``overflow`` (``k`` is the gradient norm's
+    index). Returns ``(parts, judges, k)``; no host sync."""
+    device, dtype = m.grad_norm.device, m.grad_norm.dtype   # float64 (float32 on MPS)
+    judges = [host_judge(s) for s in signals]   # judged from the values read
+    parts = [s.measure(m).to(device, dtype).reshape(1)
+             for s, judge in zip(signals, judges) if judge is None]
+    k = len(parts)
+    loss = m.loss_mean()
+    parts.append(m.grad_norm.detach().reshape(1))
+    if loss is None and overflow is None:        # made on the device: no upload, no sync
+        parts.append(m.grad_norm.new_zeros(2))
+    else:
+        parts += [(t.reshape(1).to(device, dtype) if t is not None else m.grad_norm.new_zeros(1))
+                  for t in (loss, overflow)]
+    return parts, judges, k
+
+
+def unpack_reading(values: list[float], m: StepMeasurement, judges: list[Callable | None],
+                   n_pre: int) -> Reading:
+    """The :class:`Reading` of a transfer's ``values`` (``m`` learns the gradient norm and
+    the loss read; the first ``n_pre`` signals are the pre-step ones)."""
+    k = len(values) - 3
+    m.grad_norm_value = values[k]
+    m.loss_value = values[k + 1] if m.loss is not None and m.loss.numel() else None
+    measured = iter(values[:k])
+    fired = [judge(m) if judge is not None else bool(next(measured)) for judge in judges]
+    return Reading(fired=fired[:n_pre], state_fired=fired[n_pre:], grad_norm=values[k],
+                   overflow=bool(values[-1]))
 
 
 @dataclass

@@ -10,12 +10,14 @@ overrule of them). :data:`PRE_PROPOSAL` lists them; the guard runs them top to b
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from .outcome import Action, Decision
 from .record import StepRecord
+from .signals import Verdict
 
-__all__ = ["Ruling", "AmpOverflow", "QuarantinedBatch", "SignalSkip", "PRE_PROPOSAL"]
+__all__ = ["Ruling", "AmpOverflow", "QuarantinedBatch", "SignalSkip", "PRE_PROPOSAL", "batch_explains"]
 
 
 @dataclass(frozen=True)
@@ -69,3 +71,25 @@ class SignalSkip:
 
 #: the pre-proposal rules, in the order the guard asks them
 PRE_PROPOSAL = (AmpOverflow(), QuarantinedBatch(), SignalSkip())
+
+
+def batch_explains(guard, pre: list, fired: list[bool]) -> bool:
+    """Whether a pre-step FAILURE (a training-loss spike) fired on a live state that is
+    the verified one, nothing written since: no unverified change to blame, so the
+    batch is what differs (fresh data after a memorised shard) and the step goes on as
+    an ordinary one. Rolling it back would only skip the batch, and every batch after
+    it (the natural suite's ``adam_v_decay``: 20 rollbacks, then a re-base). Counted in
+    ``stats["batch_loss_spikes"]``. Checked by the version counters, then value for value
+    against the snapshot (a write through ``p.data`` bumps no counter): one pass over
+    the parameters, only when such a spike fires."""
+    if not any(f and s.verdict is Verdict.FAILURE for s, f in zip(pre, fired)):
+        return False
+    st, safe = guard.step_state, guard.safe_snapshot
+    if not (st.live_is_safe and guard._uses_snapshots):
+        return False
+    if guard._agreed(safe.written_since_capture() or not safe.matches_live_params()):
+        return False          # the live state was written since it was verified
+    st.stats["batch_loss_spikes"] += 1
+    guard._log("batch", logging.DEBUG, "step %d: training-loss spike on the verified state: "
+               "the batch differs, nothing to roll back", st.t)
+    return True

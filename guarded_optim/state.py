@@ -1,6 +1,8 @@
 """The guard's mutable step state: one record, one listing.
 
-Every counter that decides a step lives in :class:`StepState`. Its fields' metadata is the
+Every counter that decides a step lives in :class:`StepState`; :class:`Cadence` says when
+the live state is verified, :class:`Pending` and :class:`LoadedLiveState` what a
+construction or a load leaves for the first step. Its fields' metadata is the
 one listing that ``state_dict`` (what is saved, :meth:`StepState.saved`),
 ``load_state_dict`` (how a saved value is checked, :func:`from_saved`), the transactional
 undo (:meth:`StepState.copy`) and the reset (a new record) all read.
@@ -9,13 +11,15 @@ undo (:meth:`StepState.copy`) and the reset (a new record) all read.
 from __future__ import annotations
 
 import dataclasses
+import enum
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from . import validation
 from .outcome import Decision
+from .signals import Verdict
 
-__all__ = ["StepState", "from_saved"]
+__all__ = ["StepState", "from_saved", "stat_names", "Cadence", "Pending", "LoadedLiveState"]
 
 
 def _saved(kind: str, required: bool = True) -> dict:
@@ -89,3 +93,50 @@ def _check(kind: str, name: str, value: Any, stats: dict[str, int]) -> Any:
         raise ValueError(f"{name} must be a dict of counts.")
     return {**stats, **{str(k): validation.integer(f"{name}[{k!r}]", v, low=0)
                         for k, v in value.items()}}
+
+
+def stat_names(signals: list) -> list[str]:
+    """The ``stats`` counters of a guard with ``signals`` (each signal counts its own)."""
+    return ["steps", "accepted", "rollbacks", "skipped", "measured", "escalations",
+            "rebaselines", "escapes", "skipped_amp_overflow", "reruns", "transient",
+            "persistent", "quarantined", "skipped_quarantined", "stops", "overruled",
+            "batch_loss_spikes",
+            *(f"skipped_{s.name}" for s in signals if s.verdict is Verdict.SKIP),
+            *(f"failures_{s.name}" for s in signals if s.verdict is Verdict.FAILURE)]
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """When the live state is verified: every ``every``-th applied step. With a probe the
+    probe measures that step's proposal; without one (``live``) the post-step signals
+    check the live state: right after the proposal when ``every > 1`` (its capture then
+    overlaps the next forward and backward), at the next step's start when ``every == 1``
+    (damage written between steps is then seen before anything is proposed on it)."""
+
+    every: int
+    probe: bool      # a probe measures proposals
+    live: bool       # no probe, and some signal can reject: the signals verify the live state
+
+    def measures(self, unverified: int) -> bool:
+        """With ``unverified`` applied steps since the verified state, the probe measures."""
+        return self.probe and unverified >= self.every
+
+    def due_at_start(self, unverified: int) -> bool:
+        return self.live and unverified >= self.every
+
+    def due_after_proposal(self, unverified: int) -> bool:
+        return self.every > 1 and self.due_at_start(unverified)
+
+
+class Pending(enum.Enum):
+    """What a construction or a load left for the first step to settle."""
+
+    REFERENCE = "reference"   #: the reference y(theta_0), re-taken if the weights were written
+
+
+@dataclass(frozen=True)
+class LoadedLiveState:
+    """A loaded checkpoint whose verified state is its live state: captured at the first step."""
+
+    step: int
+    meta: dict

@@ -10,7 +10,8 @@ import torch
 
 from .. import rng
 
-__all__ = ["ProbeError", "call_probe", "measure_probe", "probe_value", "check_output"]
+__all__ = ["ProbeError", "call_probe", "try_probe", "remote_probe_error", "measure_agreed", "measure_probe",
+           "probe_value", "check_output"]
 
 
 class ProbeError(ValueError):
@@ -75,4 +76,32 @@ def check_initial(y: float) -> float:
     if not math.isfinite(y):
         raise ProbeError(f"probe returned {y} at the initial parameters, so no reference yhat "
                          f"can be formed; check the probe data and model. {_CONTRACT}.")
+    return y
+
+
+def try_probe(probe: Callable[[], Any], module: torch.nn.Module | None) -> tuple[Any, ProbeError | None]:
+    """``(output, None)``, or ``(nan, error)`` when the probe raised: the error is agreed
+    with the other ranks before anyone raises it (a rank raising alone would hang them)."""
+    try:
+        return call_probe(probe, module), None
+    except ProbeError as exc:
+        return math.nan, exc
+
+
+def remote_probe_error() -> ProbeError:
+    """What a rank raises when the probe raised on another rank."""
+    return ProbeError("the probe raised on another rank; every rank rolled back to the last "
+                      "verified state (see that rank's error for the cause).")
+
+
+def measure_agreed(probe: Callable[[], Any], module: torch.nn.Module | None, group: Any,
+                   accelerator: Any = None) -> float:
+    """One probe measurement outside a step's transfer, averaged over the ranks of
+    ``group``; a probe that raises on any rank raises on every rank."""
+    from ..distributed import agree_host
+    raw, error = try_probe(probe, module)
+    y = math.nan if error is not None else probe_value(raw)
+    y, failed = agree_host([y, float(error is not None)], [0], group, accelerator)
+    if failed:
+        raise error or remote_probe_error()
     return y
