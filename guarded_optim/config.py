@@ -97,9 +97,6 @@ def configure(optimizer: Optimizer, probe: Callable | None, module: torch.nn.Mod
 
 
 def _check_parts(optimizer: Any, probe: Any, module: Any) -> None:
-    from .guard import GuardedOptimizer
-    if isinstance(optimizer, GuardedOptimizer):
-        raise TypeError("optimizer is already a GuardedOptimizer; wrap the inner optimizer once.")
     validation.instance("optimizer", optimizer, lambda x: isinstance(x, Optimizer),
                         "a torch.optim.Optimizer, e.g. torch.optim.AdamW(model.parameters())")
     if probe is not None:
