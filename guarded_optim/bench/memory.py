@@ -5,10 +5,11 @@ For each model (the reference GPT-style char model and MLPs of 0.1M to 10M param
 with a probe every step) :func:`run` measures, nothing typed in:
 
 * **held beyond bare**, per parameter: the guard's own tensors -- the safe snapshot
-  (``guard._safe.nbytes()``), the older snapshots of ``history`` (``guard._ring``) and the
-  tensors in the signals' state -- counted by walking them; and the same growth read from
-  the process's resident memory (``VmRSS`` before and after wrapping a trained bare AdamW
-  in the guard and stepping it), with the peak RSS of the bare and the guarded phase;
+  (``Snapshot.nbytes()``), the older snapshots of ``history`` (both read through
+  :func:`_snapshots`) and the tensors in the signals' state -- counted by walking them;
+  and the same growth read from the process's resident memory (``VmRSS`` before and after
+  wrapping a trained bare AdamW in the guard and stepping it), with the peak RSS of the
+  bare and the guarded phase;
 * **pinned** host memory per parameter (``pinned_B_per_param``, ``pinned_ratio``): what the
   snapshots' buffers would reserve as pinned host memory on CUDA (``snapshot="host"``, the
   default for CUDA parameters), where the caching host allocator rounds every allocation up
@@ -135,6 +136,12 @@ def _tensors(obj: Any) -> Iterable[torch.Tensor]:
             yield from _tensors(v)
 
 
+def _snapshots(guard: GuardedOptimizer) -> tuple[Any, list]:
+    """The guard's safe snapshot and the older snapshots of its ``history``: the one place the
+    benchmark reads the guard's private attributes (:mod:`.gpu` reads them through it too)."""
+    return guard._safe, list(guard._ring)
+
+
 def held_bytes(guard: GuardedOptimizer) -> dict[str, int]:
     """Bytes of the tensors the guard holds beyond the bare optimizer: the safe snapshot, the
     older snapshots of ``history`` and the tensors in the signals' state (each counted once)."""
@@ -145,8 +152,8 @@ def held_bytes(guard: GuardedOptimizer) -> dict[str, int]:
             if id(t) not in seen:
                 seen.add(id(t))
                 signals += t.numel() * t.element_size()
-    return {"snapshot": guard._safe.nbytes(), "ring": sum(s.nbytes() for s in guard._ring),
-            "signals": signals}
+    safe, ring = _snapshots(guard)
+    return {"snapshot": safe.nbytes(), "ring": sum(s.nbytes() for s in ring), "signals": signals}
 
 
 def pinned_reserved(nbytes: int) -> int:
@@ -176,7 +183,8 @@ def pinned_bytes(guard: GuardedOptimizer) -> dict[str, int]:
     flat buffer that staged tensors are slices of, :func:`~guarded_optim.snapshot.plan_groups`). Computed
     from the buffers' sizes whatever the mode and device: on CPU, what the same snapshot
     would pin on a CUDA machine."""
-    buffers = [t for snap in (guard._safe, *guard._ring) for t in _snapshot_buffers(snap)]
+    safe, ring = _snapshots(guard)
+    buffers = [t for snap in (safe, *ring) for t in _snapshot_buffers(snap)]
     storages = {}   # one allocation per storage: staged buffers are slices of a flat one
     for t in buffers:
         st = t.untyped_storage()
