@@ -25,7 +25,10 @@ from .suites import (ABLATION_SCENARIOS, QUICK_SCENARIOS, ablation, protocol, sc
                      scenario_suite, scenario_summary)
 from .tasks import TASKS
 
-SUITES = ("default", "protocol", "scenarios", "ablation", "scaling", "memory", "natural", "all")
+SUITES = ("default", "protocol", "scenarios", "ablation", "scaling", "memory", "natural", "gpu",
+          "all")
+#: what ``--suite all`` leaves out (``gpu`` needs a CUDA device)
+NOT_IN_ALL = ("default", "gpu", "all")
 
 #: paper 001's protocol: (steps, fault start, fault length), and the ``--quick`` one. The quick
 #: fault comes late enough to hurt bare AdamW on seeds 0 and 1 (measured: final probe loss
@@ -165,6 +168,18 @@ def _natural(args, tick) -> None:
     print(natural.format_table(rows))
 
 
+def _gpu(args) -> None:
+    from . import gpu
+
+    def say(msg: str) -> None:
+        if not args.quiet:
+            print(f"gpu: {msg}", file=sys.stderr, flush=True)
+
+    text = gpu.run(args.out, dry_run=args.dry_run, reps=args.repeats, say=say)
+    print("\n" + text)
+    print(f"wrote {', '.join(os.path.join(args.out, f) for f in gpu.FILES)}")
+
+
 def bench(args: argparse.Namespace) -> None:
     if args.quiet:   # the guard's own WARNING records (re-baselines, stops) would fill the tables
         logging.getLogger("guarded_optim").setLevel(logging.ERROR)
@@ -173,7 +188,7 @@ def bench(args: argparse.Namespace) -> None:
     tick = _Progress(args.quiet)
     began = time.perf_counter()
     try:
-        suites = {args.suite} if args.suite != "all" else set(SUITES) - {"default", "all"}
+        suites = {args.suite} if args.suite != "all" else set(SUITES) - set(NOT_IN_ALL)
         if args.suite == "default":
             tasks = args.task or (("cnn",) if args.quick else ("cnn", "transformer"))
             for task in tasks:
@@ -194,6 +209,8 @@ def bench(args: argparse.Namespace) -> None:
             _memory(args, tick)
         if "natural" in suites:
             _natural(args, tick)
+        if "gpu" in suites:
+            _gpu(args)
     finally:
         tick.close()
     print(f"\n{args.suite} suite finished in {time.perf_counter() - began:.0f} s "
@@ -264,7 +281,16 @@ def _suite_help() -> list[tuple[str, str]]:
                              "without warm-up, attention- and output-logit growth, Adam "
                              "second-moment decay, fp16, bad data, edge of stability; bare vs "
                              "the guard vs a stable reference, 5 seeds (--mechanisms to pick)."))
-    pairs.append(("all", "every suite above except default."))
+    from .gpu import BUDGET_S
+    pairs.append(("gpu", f"on one CUDA device, within {BUDGET_S / 60:g} minutes (fewer timing "
+                         "repetitions when it runs long): tests/test_cuda.py, "
+                         "a 124M-parameter GPT (bf16 autocast, fused AdamW) bare vs guarded "
+                         "without a probe, with one every 10 steps and every step: step time "
+                         "(CUDA events), peak device memory, pinned host bytes, host syncs "
+                         "per step type against docs/host_syncs.md, and a profiler trace "
+                         "read for copy/compute overlap; --out required, --dry-run runs it "
+                         "tiny on the CPU without timing claims."))
+    pairs.append(("all", "every suite above except default and gpu."))
     return pairs
 
 
@@ -286,7 +312,8 @@ _EPILOG = """examples:
   guarded-optim bench --quick                 smoke run of the default suite
   guarded-optim bench --quick --out figs      the same, plus CSV tables and PNG figures
   guarded-optim bench --suite scenarios --models mlp --scenarios clean nan_bomb
-  guarded-optim bench --seeds 20              the paper's N=20 protocol (slow)"""
+  guarded-optim bench --seeds 20              the paper's N=20 protocol (slow)
+  guarded-optim bench --suite gpu --out gpu   on a CUDA machine (--dry-run: tiny, on the CPU)"""
 
 
 def _listing(names) -> str:
@@ -359,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", metavar="DIR",
                    help="directory for CSV tables, per-step curves and PNG figures (default: "
                         "none, tables are printed only)")
+    b.add_argument("--dry-run", action="store_true",
+                   help="gpu suite: the same code at a tiny size on the CPU, writing the same "
+                        "files, CUDA tests skipped, no timing claims (default: off)")
     b.add_argument("--quiet", action="store_true",
                    help="no progress bar, and the guard's log records only at ERROR (default: off)")
     return parser
@@ -384,6 +414,10 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
     if not 0 <= args.fault_start <= args.steps - args.fault_length:
         parser.error(f"the fault (--fault-start {args.fault_start}, --fault-length "
                      f"{args.fault_length}) must lie inside the run (--steps {args.steps})")
+    if args.dry_run and args.suite != "gpu":
+        parser.error("--dry-run applies to --suite gpu only")
+    if args.suite == "gpu" and not args.out:
+        parser.error("--suite gpu needs --out DIR (it writes its summary, tables and trace there)")
     if not 0 <= args.scenario_start < args.scenario_steps:
         parser.error(f"--scenario-start {args.scenario_start} must lie inside the run "
                      f"(--scenario-steps {args.scenario_steps})")
@@ -399,6 +433,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         _resolve(args)
         _validate(parser, args)
+        if args.suite == "gpu" and not args.dry_run and not torch.cuda.is_available():
+            print("guarded-optim bench --suite gpu needs a CUDA GPU, and torch sees none here "
+                  f"(torch {torch.__version__}, torch.cuda.is_available() is False). Run it on a "
+                  "machine with one, or add --dry-run to run the same code tiny on the CPU "
+                  "(no timing claims).", file=sys.stderr)
+            return 2
         torch.set_num_threads(min(2, torch.get_num_threads()))
         bench(args)
     return 0

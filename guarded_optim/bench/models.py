@@ -42,10 +42,13 @@ class MLP(nn.Module):
 
 
 class CharTransformer(nn.Module):
-    """A causal character-level Transformer encoder with a linear head (paper 001, sec. 3.2)."""
+    """A causal character-level Transformer encoder with a linear head (paper 001, sec. 3.2).
+
+    ``tie=True`` shares the head's weight with the embedding (GPT-2's weight tying: the
+    GPU suite's 124M-parameter model, :mod:`.gpu`)."""
 
     def __init__(self, vocab: int, d_model: int = 64, heads: int = 4, layers: int = 2,
-                 seq_len: int = 64, dropout: float = 0.0):
+                 seq_len: int = 64, dropout: float = 0.0, tie: bool = False):
         super().__init__()
         self.embed = nn.Embedding(vocab, d_model)
         self.pos = nn.Parameter(torch.zeros(seq_len, d_model))
@@ -54,6 +57,8 @@ class CharTransformer(nn.Module):
                                            batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
         self.head = nn.Linear(d_model, vocab)
+        if tie:
+            self.head.weight = self.embed.weight
         self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(seq_len),
                              persistent=False)
 
