@@ -11,24 +11,25 @@ it was, and its error names the offending key.
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any, Callable
 
 import torch
 
 from . import rng, validation
-from .distributed import check_world_size, resolve_group, world_size
+from .distributed import check_world_size, full_value, resolve_group, world_size
 from .snapshot import SnapshotRing
-from .state import LoadedLiveState, Pending, from_saved
+from .state import Loaded, from_saved
 
 __all__ = ["STATE_VERSION", "guard_state", "fisher_source", "check_inner", "prepare", "load",
-           "check_signal_state", "restore_rng"]
+           "check_signal_state", "restore_rng", "fingerprint", "mismatched", "settle_loaded"]
 
 STATE_VERSION = 2
 
 
 def guard_state(opt) -> dict[str, Any]:
     """``state_dict()["guard"]`` of ``opt``: plain data (see ``GuardedOptimizer.state_dict``)."""
-    loaded = opt._pending if isinstance(opt._pending, LoadedLiveState) else None
+    loaded = opt._pending if isinstance(opt._pending, Loaded) and opt._pending.live else None
     live = loaded is not None or (opt._safe.captured and opt.step_state.live_is_safe
                                   and opt._pending is None)
     step, meta = (loaded.step, loaded.meta) if loaded is not None else (opt._safe.step, opt._safe.meta)
@@ -47,7 +48,76 @@ def guard_state(opt) -> dict[str, Any]:
         "safe_step": step, "safe_meta": dict(meta),
         "ring": opt._ring.state_dict() if opt.save_history else [],
         "world_size": world_size(resolve_group(opt.process_group)),
+        "fingerprint": fingerprint(opt.param_groups),
     }
+
+
+def fingerprint(param_groups: list[dict]) -> list[list[float]]:
+    """The weights an optimizer state belongs to, in a few bytes per tensor: each
+    parameter's sum and sum of squares (float64). Saved with the guard's state and compared
+    at the first step after a load (:func:`mismatched`). One pass over the parameters."""
+    params = [p.detach() for g in param_groups for p in g["params"]]
+    if not params or any(p.is_meta for p in params):
+        return []   # meta parameters hold no values (a checkpoint with [] is not checked)
+    stats = [torch.stack([full_value(p).double().sum(), full_value(p).double().square().sum()])
+             for p in params]
+    return torch.stack([s.to(stats[0].device) for s in stats]).tolist()   # one read
+
+
+def settle_loaded(opt, loaded: Loaded) -> None:
+    """At the first step after a load, before its forward pass: a loaded checkpoint meets
+    the live weights. If they are not the weights it was saved with (its fingerprint), say
+    so (a WARNING, ``stats["checkpoint_mismatches"]``) and check them with the post-step
+    signals before anything builds on them: damaged, they are rolled back to the loaded
+    verified state, or, where none was loaded, the step raises ``ValueError`` naming the
+    fix and changes nothing. Then the loaded live state becomes the verified one, or the
+    reference is measured anew."""
+    if loaded.fingerprint is not None:
+        differs = mismatched(loaded.fingerprint, fingerprint(opt.param_groups))
+        if opt._agreed(bool(differs)):
+            _check_loaded(opt, loaded, differs)
+    if loaded.reference and opt._uses_snapshots:
+        opt._take_reference()
+    elif loaded.live:
+        opt.safe_snapshot.capture(loaded.step, **loaded.meta)
+        opt.step_state.live_is_safe = True
+
+
+def _check_loaded(opt, loaded: Loaded, differs: list[int]) -> None:
+    post = [s for s in opt.signals if s.phase == "after"]
+    fired = opt._check_live()
+    damaged = [s.name for s, f in zip(post, fired) if f]
+    if damaged and (loaded.live or not opt.safe_snapshot.captured):
+        raise ValueError(mismatch_message(opt, differs, damaged))
+    opt.step_state.stats["checkpoint_mismatches"] += 1
+    opt._log("checkpoint", logging.WARNING, "%s", mismatch_message(opt, differs, damaged))
+    if damaged:
+        opt._restore()
+
+
+def mismatch_message(opt, differs: list[int], damaged: list[str]) -> str:
+    """What a loaded checkpoint's mismatch means, and what to do."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    shapes = ", ".join(f"#{i} {list(params[i].shape)}" for i in differs[:4] if i < len(params))
+    more = f" and {len(differs) - 4} more" if len(differs) > 4 else ""
+    health = (f"They fail the health check ({', '.join(damaged)}). " if damaged else
+              "They pass the health check, so the guard goes on from them; the optimizer "
+              "state (Adam's moments) was built on other weights. ")
+    return (f"the loaded optimizer state was saved with other weights: {len(differs)} of "
+            f"{len(params)} parameters differ ({shapes}{more}). {health}If this is a resume, "
+            "load the model's state_dict (the weights saved with this optimizer state) before "
+            "stepping; to start the guard afresh on new weights, load only the inner "
+            "optimizer's state (without the 'guard' key).")
+
+
+def mismatched(saved: list, live: list, rtol: float = 1e-6) -> list[int]:
+    """The indices of the parameters whose fingerprints differ (a relative tolerance absorbs
+    a reduction order that differs between devices)."""
+    if len(saved) != len(live):
+        return list(range(max(len(saved), len(live))))
+    return [i for i, (a, b) in enumerate(zip(saved, live))
+            if not all(abs(x - y) <= rtol * max(abs(x), abs(y), 1e-30) or x == y
+                       for x, y in zip(a, b))]
 
 
 def fisher_source(opt) -> str | None:
@@ -164,18 +234,19 @@ def prepare(opt, saved: Any) -> Callable[[], None]:
                 raise ValueError(f"{key}['ladder'] is malformed: {exc}") from exc
         rng.check(saved["rng"], f"{key}['rng']")
         safe = opt._new_snapshot()
-        pending: Any = None
+        fp = _check_fingerprint(saved.get("fingerprint"), len(shapes), f"{key}['fingerprint']")
         if saved["safe"] is not None:
             safe.check_state_dict(saved["safe"], f"{key}['safe']")
             safe.load_state_dict(saved["safe"])
+            pending = Loaded(live=False, fingerprint=fp)
         elif saved.get("safe_is_live", False):
             step = validation.integer(f"{key}['safe_step']", saved["safe_step"], low=0)
             meta = saved["safe_meta"]
             if not isinstance(meta, dict):
                 raise ValueError(f"{key}['safe_meta'] must be a dict.")
-            pending = LoadedLiveState(step, dict(meta))
-        elif opt._uses_snapshots:
-            pending = Pending.REFERENCE
+            pending = Loaded(live=True, step=step, meta=dict(meta), fingerprint=fp)
+        else:
+            pending = Loaded(live=False, fingerprint=fp, reference=opt._uses_snapshots)
         ring = SnapshotRing(opt._ring.capacity, opt._new_snapshot)
         for i, sd in enumerate(saved.get("ring", ())):
             safe.check_state_dict(sd, f"{key}['ring'][{i}]")
@@ -188,10 +259,22 @@ def prepare(opt, saved: Any) -> Callable[[], None]:
         opt.threshold, opt.signals, opt.recovery = threshold, signals, recovery
         opt.ladder = ladder
         opt._safe, opt._ring, opt._pending = safe, ring, pending
-        step_state.live_is_safe = isinstance(pending, LoadedLiveState)
+        step_state.live_is_safe = pending.live
         opt.step_state = step_state
 
     return commit
+
+
+def _check_fingerprint(fp: Any, n: int, key: str) -> list | None:
+    """A saved fingerprint: ``None`` (saved before fingerprints) or ``n`` pairs of floats."""
+    if fp is None or fp == []:
+        return None
+    if not isinstance(fp, list) or len(fp) != n or not all(
+            isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, float) for x in v)
+            for v in fp):
+        raise ValueError(f"{key} must hold one [sum, sum of squares] pair of floats per "
+                         "parameter; pass the unmodified output of state_dict().")
+    return [list(v) for v in fp]
 
 
 def check_signal_state(key: str, state: Any) -> None:

@@ -32,18 +32,19 @@ from .amp import amp_unscale, found_inf
 from .config import VERIFY_EVERY, configure
 from .distributed import AUTO, agree, agree_host, full_value, pack, resolve_group, world_size
 from .events import StepEvent
-from .inner import accelerator, global_step_hooks_muted, on_meta, propose
+from .inner import accelerator, global_step_hooks_muted, inner_step_count, on_meta, propose
 from .innovation import Threshold, accepts, ewma, innovation
 from .ladder import GuardStopped, Ladder, _plain_id
 from .logs import RateLimitedLog, log_step, stop_message
 from .outcome import Action, Decision
 from .policy import RecoveryAction
-from .record import Reading, StepRecord, fired_names, pack_reading, unpack_reading
-from .rules import PRE_PROPOSAL, Ruling, batch_explains
+from .record import (Reading, StepRecord, fired_names, live_measurement, pack_reading,
+                     unpack_reading)
+from .rules import PRE_PROPOSAL, Ruling, batch_explains, live_written
 from .signals import StepMeasurement, Verdict, global_grad_norm
 from .signals.probe import check_initial, measure_agreed, remote_probe_error, try_probe
 from .snapshot import Snapshot, SnapshotRing
-from .state import Cadence, LoadedLiveState, Pending, StepState, stat_names
+from .state import Cadence, Loaded, Pending, StepState, stat_names
 
 __all__ = ["GuardedOptimizer", "VERIFY_EVERY", "amp_unscale"]
 
@@ -265,7 +266,8 @@ class GuardedOptimizer(Optimizer):
         self._ring.drop_from(-1)
         self._safe = self._new_snapshot()
         self.step_state = StepState.fresh(stat_names(self.signals))
-        self._pending: Pending | LoadedLiveState | None = Pending.REFERENCE
+        self.step_state.t = inner_step_count(self.inner)   # an adopted run keeps its numbers
+        self._pending: Pending | Loaded | None = Pending.REFERENCE
         if self._uses_snapshots and not self._on_meta():
             self._take_reference()
 
@@ -296,8 +298,7 @@ class GuardedOptimizer(Optimizer):
 
     def fisher_diagonal(self) -> list[torch.Tensor] | None:
         """The diagonal Fisher estimate (design card): the inner optimizer's bias-corrected
-        ``exp_avg_sq`` (Adam family; zero extra bytes, saved with the state), or a
-        ``FisherDiagonal`` among ``recovery``; ``None`` when neither exists."""
+        ``exp_avg_sq`` (Adam family), or a ``FisherDiagonal`` in ``recovery``; else ``None``."""
         from .fisher import find_fisher
         try:
             return list(find_fisher(self)._require())
@@ -306,10 +307,9 @@ class GuardedOptimizer(Optimizer):
 
     def wait_for_snapshot(self) -> None:
         """Order the current CUDA stream after the snapshot copy still in flight (host mode on
-        CUDA), without a host sync. Call it before writing parameters, optimizer state or
-        buffers in place between steps (an EMA swap-in, clamping, pruning masks,
-        ``model.load_state_dict``): the copy that becomes the verified state reads them on a
-        side stream. A no-op on CPU and in device mode."""
+        CUDA; no host sync). Call it before writing parameters, optimizer state or buffers in
+        place between steps (an EMA swap-in, clamping, ``model.load_state_dict``): that copy
+        reads them on a side stream. A no-op on CPU and in device mode."""
         self._safe.wait()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -323,8 +323,7 @@ class GuardedOptimizer(Optimizer):
 
     def __deepcopy__(self, memo: dict) -> "GuardedOptimizer":
         """An independent copy: its own inner optimizer, parameters and snapshots. A probe or
-        callback that Python cannot copy (a function) is shared: if it reads the original
-        model, give the copy its own (``copy.probe = ...``)."""
+        callback Python cannot copy is shared (give the copy its own: ``copy.probe = ...``)."""
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         new.__setstate__(copy.deepcopy(self.__dict__, memo))
@@ -442,8 +441,8 @@ class GuardedOptimizer(Optimizer):
         group, pre = resolve_group(self.process_group), self._pre
         checked = self._post if self._cadence.due_at_start(st.unverified) else []
         reading = self._read(m, pre, checked, overflow, group)
-        if st.unverified and not checked and any(reading.fired):   # a warning: verify now
-            checked = self._post
+        if any(reading.fired) and not checked and (st.unverified or live_written(self)):
+            checked = self._post   # a warning on a state not (or no longer) verified: check it
             reading.state_fired = self._read(m, [], checked, None, group).state_fired
         if batch_explains(self, pre, reading.fired):   # theta_t is verified: the batch is new
             reading.fired = [f and s.verdict is not Verdict.FAILURE for s, f in zip(pre, reading.fired)]
@@ -464,10 +463,11 @@ class GuardedOptimizer(Optimizer):
         summed), one host transfer."""
         return agree(pack(parts), means, group, self._accelerator).tolist()
 
-    def _check_live(self, m: StepMeasurement, group: Any) -> list[bool]:
-        """The post-step signals on the live state (a reading of their own); they learn
-        from it: kept when none fired."""
-        fired = self._read(m, [], self._post, None, group).state_fired
+    def _check_live(self, m: StepMeasurement | None = None) -> list[bool]:
+        """The post-step signals read the live state (``m``; by default between steps) and
+        learn from it (kept when none fired)."""
+        m = m if m is not None else live_measurement(self.inner, self.step_state.t)
+        fired = self._read(m, [], self._post, None, resolve_group(self.process_group)).state_fired
         self._learn(self._post, m, not any(fired), fired)
         return fired
 
@@ -495,6 +495,7 @@ class GuardedOptimizer(Optimizer):
         st, y, post_fired = self.step_state, values[0], [bool(v) for v in values[1:]]
         rec.event.signals.update((s.name, f) for s, f in zip(post, post_fired))
         st.stats["measured"] += 1
+        rec.undone = st.unverified
         nu, eps = innovation(y, st.yhat), self.threshold(st.yhat)
         rec.event.y, rec.event.yhat, rec.event.innovation, rec.event.threshold = y, st.yhat, nu, eps
         rec.y, rec.nu, rec.after, rec.post_fired = y, nu, after, post_fired
@@ -507,7 +508,7 @@ class GuardedOptimizer(Optimizer):
         backward instead of sitting before the next ``inner.step()``)."""
         self._learn(rec.pre, rec.m, True, rec.reading.fired)
         if self._cadence.due_after_proposal(self.step_state.unverified):
-            fired = self._check_live(rec.m.after_proposal(), rec.group)
+            fired = self._check_live(rec.m.after_proposal())
             rec.event.signals.update((s.name, f) for s, f in zip(self._post, fired))
             if any(fired):
                 return self._reject(rec, fired_names(self._post, fired))
@@ -550,6 +551,7 @@ class GuardedOptimizer(Optimizer):
         rec.reasons = list(reasons)
         for a in self.recovery:   # e.g. an importance blend reads the rejected values
             a.before_rollback(self)
+        rec.undone = max(rec.undone, st.unverified)   # a re-run may have restored already
         done = [self.ladder.budget.on_rejection(self, rec.y)]
         st.in_row += 1
         for a in self.recovery:
@@ -602,21 +604,26 @@ class GuardedOptimizer(Optimizer):
 
     def _settle_pending(self) -> None:
         """What a construction or a load left for the first step, before its forward pass:
-        the reference (re-measured if the weights were written since it was taken), or the
-        capture of a loaded checkpoint's live state as the safe snapshot."""
-        pending, self._pending = self._pending, None
+        the references (taken anew if the weights were written since), or the check of a
+        loaded checkpoint against the live weights (:func:`.checkpoint.settle_loaded`)."""
+        pending = self._pending
         if pending is Pending.REFERENCE and self._uses_snapshots and self._agreed(
                 self._safe.written_since_capture() or (self.probe is not None and self.yhat is None)):
+            for s, sd in zip(self.signals, copy.deepcopy(self._initial[1])):
+                s.load_state_dict(sd)   # the references belong to the weights now live
             self._take_reference()
-        elif isinstance(pending, LoadedLiveState):
-            self._safe.capture(pending.step, **pending.meta)
-            self.step_state.live_is_safe = True
+        elif isinstance(pending, Loaded):
+            checkpoint.settle_loaded(self, pending)
+        self._pending = None
 
     def _take_reference(self) -> None:
-        """Algorithm 1, lines 2-3: ``yhat_0 = y(theta_0)`` (with a probe); theta_safe <- theta_0."""
+        """Algorithm 1, lines 2-3: ``yhat_0 = y(theta_0)`` (with a probe); theta_safe <- theta_0;
+        the post-step signals learn theta_0 (damage in the first window is seen)."""
         st = self.step_state
         if self.probe is not None:
             st.y0 = st.yhat = check_initial(self._measure_probe())
+        if self._post:
+            self._check_live()
         self._safe.capture(st.t, yhat=st.yhat)
         st.live_is_safe = True
 
@@ -657,9 +664,7 @@ class GuardedOptimizer(Optimizer):
         if (not self._cadence.live or not st.unverified or self._on_meta()
                 or world_size(resolve_group(self.process_group)) > 1 or not self._post):
             return
-        params = [p for g in self.param_groups for p in g["params"]]
-        device = params[0].device if params else torch.device("cpu")
-        m = StepMeasurement(st.t, torch.zeros((), device=device), None, self.inner)
+        m = live_measurement(self.inner, st.t)
         fired = self._read(m, [], self._post, None, None).state_fired
         if not any(fired):
             self._learn(self._post, m, True, fired)

@@ -16,7 +16,8 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
-__all__ = ["propose", "replay", "global_step_hooks_muted", "on_meta", "accelerator"]
+__all__ = ["propose", "replay", "global_step_hooks_muted", "on_meta", "accelerator",
+           "inner_step_count"]
 
 
 def replay(loss: Any, closure: Callable | None) -> Callable | None:
@@ -92,3 +93,13 @@ def accelerator(param_groups: list[dict]) -> torch.device | None:
             if p.device.type != "cpu":
                 return p.device
     return None
+
+
+def inner_step_count(inner: Optimizer) -> int:
+    """The steps the inner optimizer has taken, where its state counts them (Adam's
+    ``state[p]["step"]``; the largest over the parameters), else 0. A guard that adopts a
+    running optimizer numbers its steps from here, so its events line up with the run."""
+    steps = [float(st["step"]) for st in inner.state.values()
+             if isinstance(st, dict) and "step" in st
+             and not (isinstance(st["step"], torch.Tensor) and st["step"].is_meta)]
+    return int(max(steps)) if steps else 0

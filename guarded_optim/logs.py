@@ -1,16 +1,22 @@
 """Loud, not silent: every intervention of the guard is a ``logging`` record.
 
-Records go to the ``"guarded_optim"`` logger: INFO for a skip or a rollback, WARNING for an
-escalation (reach back, re-baseline, stop), DEBUG for GradScaler's own overflow skips (they
-are routine while the scale settles). Each record names the step, the reason and the
-measured values. A long run is not flooded: per kind of intervention the first
-``burst`` records are emitted, then only the 2^k-th ones, each saying how many were not
-logged since the last record (``stats`` and the events count every one).
+Records go to the ``"guarded_optim"`` logger. A script that configures no logging still sees
+WARNING records (Python's last-resort handler prints them to stderr), so these are
+WARNING: the first intervention of a run (a skip or a rollback), every 10^k-th one after it
+(10th, 100th, ...) with the counts so far, every escalation (reach back, re-baseline, stop)
+and a loaded checkpoint that does not match the live weights. The other skips and rollbacks
+are INFO, GradScaler's own overflow skips DEBUG (routine while the scale settles). Each
+record says what happened in words: the step, what fired, the measured values, and which
+verified state the model and optimizer hold now. A long run is not flooded: per kind of
+intervention the first ``burst`` INFO records are emitted, then only the 2^k-th ones, each
+saying how many were not logged since the last record (``stats`` and the events count
+every one); WARNING records are never held back.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
 from .outcome import Action, Decision
 
@@ -31,7 +37,7 @@ class RateLimitedLog:
         n = self.counts[kind] = self.counts.get(kind, 0) + 1
         if not logger.isEnabledFor(level):
             return
-        if n > self.burst and n & (n - 1):
+        if level < logging.WARNING and n > self.burst and n & (n - 1):
             self.suppressed[kind] = self.suppressed.get(kind, 0) + 1
             return
         skipped = self.suppressed.pop(kind, 0)
@@ -48,19 +54,49 @@ def _nonzero(stats: dict[str, int]) -> dict[str, int]:
     return {k: v for k, v in stats.items() if v}
 
 
+def _interventions(stats: dict[str, int]) -> int:
+    return stats["rollbacks"] + stats["skipped"] - stats["skipped_amp_overflow"]
+
+
+def _milestone(stats: dict[str, int]) -> str | None:
+    """The note of a WARNING-level intervention (the 1st, 10th, 100th, ... of the run)."""
+    n = _interventions(stats)
+    if n == 1:
+        return ("the guard's first intervention in this run; the next ones are INFO records of "
+                "the 'guarded_optim' logger (rate-limited), every one is counted in opt.stats")
+    if n >= 10 and 10 ** round(math.log10(n)) == n:
+        return f"{n} interventions so far: {_nonzero(stats)}"
+    return None
+
+
+def _kept(guard, rec) -> str:
+    """What a rollback undid and which state the model and optimizer hold now, in words."""
+    safe, undone = guard.safe_snapshot.step, rec.undone
+    held = f"the model and optimizer hold the state verified before step {safe}"
+    if undone == 0:
+        return f"the live state was written since it was verified; {held}"
+    if undone == 1 and rec.y is not None:
+        return f"the proposed update was rejected; {held}"
+    updates = "update" if undone == 1 else f"{undone} updates"
+    return f"the unverified {updates} since step {safe} undone; {held}"
+
+
 def log_step(guard, rec) -> None:
     """The log records of a committed step that was not accepted (see the module docstring)."""
     e, log = rec.event, guard._log
-    measured = "" if e.y is None else (f", probe {e.y:.4g} vs reference {e.yhat:.4g} "
-                                       f"(threshold +{e.threshold:.3g})")
+    measured = "" if e.y is None else (f", probe {e.y:.4g} vs reference {e.yhat:.4g}, at most "
+                                       f"+{e.threshold:.3g} allowed")
     grad = "" if e.grad_norm is None else f", gradient norm {e.grad_norm:.3g}"
+    note = _milestone(guard.stats) if e.reason != "amp_overflow" else None
+    tail = f" [{note}]" if note else ""
     if e.decision == Decision.SKIP.value:
         level = logging.DEBUG if e.reason == "amp_overflow" else logging.INFO
-        log("skip", level, "step %d skipped (%s%s)", e.step, e.reason, grad)
+        log("skip", max(level, logging.WARNING if note else 0), "step %d skipped (%s%s): nothing "
+            "was applied%s", e.step, e.reason, grad, tail)
     else:
-        log("rollback", logging.INFO, "step %d rolled back to the state verified at "
-            "step %d (%s%s%s)%s", e.step, guard.safe_snapshot.step, e.reason, measured, grad,
-            f"; action: {e.action}" if e.action else "")
+        log("rollback", logging.WARNING if note else logging.INFO, "step %d rolled back (%s%s%s): "
+            "%s%s%s", e.step, e.reason, measured, grad, _kept(guard, rec),
+            f"; action: {e.action}" if e.action else "", tail)
     for action, what in _ESCALATIONS.items():
         if action in rec.actions:
             log(action.value, logging.WARNING, "step %d: %d rejections in a row, %s (%s); "

@@ -19,7 +19,8 @@ import torch
 from .signals import StepMeasurement, Verdict
 from .signals.base import host_judge
 
-__all__ = ["Reading", "StepRecord", "fired_names", "pack_reading", "unpack_reading"]
+__all__ = ["Reading", "StepRecord", "fired_names", "pack_reading", "unpack_reading",
+           "live_measurement"]
 
 
 def fired_names(signals: list, fired: list[bool]) -> list[str]:
@@ -36,6 +37,14 @@ class Reading:
     state_fired: list[bool]    # post-step signals on the live, unverified state, in order
     grad_norm: float           # mean over the ranks
     overflow: bool             # GradScaler found inf/NaN on some rank
+
+
+def live_measurement(optimizer, step: int) -> StepMeasurement:
+    """A measurement of the live state between steps (no gradient, no loss): what the
+    post-step signals read when they check it."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    device = params[0].device if params else torch.device("cpu")
+    return StepMeasurement(step, torch.zeros((), device=device), None, optimizer)
 
 
 def pack_reading(m: StepMeasurement, signals: list, overflow: torch.Tensor | None
@@ -89,6 +98,7 @@ class StepRecord:
     nu: float | None = None          # its innovation
     after: StepMeasurement | None = None   # the measurement of the proposal
     post_fired: list[bool] = field(default_factory=list)
+    undone: int = 0                  # applied, unverified steps a rollback undid
 
     @property
     def t(self) -> int:

@@ -17,7 +17,8 @@ from .outcome import Action, Decision
 from .record import StepRecord
 from .signals import Verdict
 
-__all__ = ["Ruling", "AmpOverflow", "QuarantinedBatch", "SignalSkip", "PRE_PROPOSAL", "batch_explains"]
+__all__ = ["Ruling", "AmpOverflow", "QuarantinedBatch", "SignalSkip", "PRE_PROPOSAL", "batch_explains",
+           "live_written"]
 
 
 @dataclass(frozen=True)
@@ -84,12 +85,20 @@ def batch_explains(guard, pre: list, fired: list[bool]) -> bool:
     the parameters, only when such a spike fires."""
     if not any(f and s.verdict is Verdict.FAILURE for s, f in zip(pre, fired)):
         return False
-    st, safe = guard.step_state, guard.safe_snapshot
-    if not (st.live_is_safe and guard._uses_snapshots):
-        return False
-    if guard._agreed(safe.written_since_capture() or not safe.matches_live_params()):
-        return False          # the live state was written since it was verified
+    st = guard.step_state
+    if not (st.live_is_safe and guard._uses_snapshots) or live_written(guard):
+        return False          # no verified live state, or it was written since
     st.stats["batch_loss_spikes"] += 1
     guard._log("batch", logging.DEBUG, "step %d: training-loss spike on the verified state: "
                "the batch differs, nothing to roll back", st.t)
     return True
+
+
+def live_written(guard) -> bool:
+    """Whether the live state, verified when the last step ended, was written since (the
+    write counters, then value for value: a write through ``p.data`` or a bit flip bumps no
+    counter). A pass over the parameters, agreed over the ranks: asked only when a
+    pre-step signal fires."""
+    safe = guard.safe_snapshot
+    return (guard.step_state.live_is_safe and guard._uses_snapshots and safe.captured
+            and guard._agreed(safe.written_since_capture() or not safe.matches_live_params()))

@@ -1,8 +1,8 @@
 """The guard's mutable step state: one record, one listing.
 
 Every counter that decides a step lives in :class:`StepState`; :class:`Cadence` says when
-the live state is verified, :class:`Pending` and :class:`LoadedLiveState` what a
-construction or a load leaves for the first step. Its fields' metadata is the
+the live state is verified, :class:`Pending` and :class:`Loaded` what a construction or a
+load leaves for the first step. Its fields' metadata is the
 one listing that ``state_dict`` (what is saved, :meth:`StepState.saved`),
 ``load_state_dict`` (how a saved value is checked, :func:`from_saved`), the transactional
 undo (:meth:`StepState.copy`) and the reset (a new record) all read.
@@ -19,7 +19,7 @@ from . import validation
 from .outcome import Decision
 from .signals import Verdict
 
-__all__ = ["StepState", "from_saved", "stat_names", "Cadence", "Pending", "LoadedLiveState"]
+__all__ = ["StepState", "from_saved", "stat_names", "Cadence", "Pending", "Loaded"]
 
 
 def _saved(kind: str, required: bool = True) -> dict:
@@ -100,7 +100,7 @@ def stat_names(signals: list) -> list[str]:
     return ["steps", "accepted", "rollbacks", "skipped", "measured", "escalations",
             "rebaselines", "escapes", "skipped_amp_overflow", "reruns", "transient",
             "persistent", "quarantined", "skipped_quarantined", "stops", "overruled",
-            "batch_loss_spikes",
+            "batch_loss_spikes", "checkpoint_mismatches",
             *(f"skipped_{s.name}" for s in signals if s.verdict is Verdict.SKIP),
             *(f"failures_{s.name}" for s in signals if s.verdict is Verdict.FAILURE)]
 
@@ -129,14 +129,21 @@ class Cadence:
 
 
 class Pending(enum.Enum):
-    """What a construction or a load left for the first step to settle."""
+    """What a construction left for the first step to settle."""
 
     REFERENCE = "reference"   #: the reference y(theta_0), re-taken if the weights were written
 
 
 @dataclass(frozen=True)
-class LoadedLiveState:
-    """A loaded checkpoint whose verified state is its live state: captured at the first step."""
+class Loaded:
+    """What a loaded checkpoint leaves for the first step: check that the live weights are
+    the ones it was saved with (``fingerprint``, :func:`~.checkpoint.fingerprint`), then
+    capture them as verified (``live``: the checkpoint's verified state was its live state,
+    at ``step`` with ``meta``), or keep the loaded snapshot; ``reference``: no snapshot was
+    saved, the reference is measured anew."""
 
-    step: int
-    meta: dict
+    live: bool
+    step: int = 0
+    meta: dict = field(default_factory=dict)
+    fingerprint: list | None = None
+    reference: bool = False

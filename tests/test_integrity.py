@@ -398,8 +398,12 @@ def test_interventions_are_logged_and_rate_limited(caplog):
         opt.step(tiny.closure_for(opt, m, torch.full_like(x, float("nan")) if nan else x, yb))
     assert opt.stats["skipped"] == 35
     records = [r for r in caplog.records if r.name == "guarded_optim"]
-    assert records and all(r.levelno == logging.INFO for r in records)
+    # the first intervention and the 10th are WARNING (seen with no logging configured)
+    assert [r.levelno for r in records] == [logging.WARNING] + [logging.INFO] * 8 + [
+        logging.WARNING] + [logging.INFO] * 2
     assert "step 5 skipped (nonfinite" in records[0].getMessage()
+    assert "first intervention" in records[0].getMessage()
+    assert "10 interventions so far" in records[9].getMessage()
     # 10 in a burst, then the 16th and 32nd: a long run is not flooded
     assert len(records) == 12 and "more skip events" in records[-1].getMessage()
 
@@ -415,7 +419,7 @@ def test_rebaseline_is_a_warning(caplog):
         opt.step(tiny.closure_for(opt, m, x, yb))
     assert opt.stats["rebaselines"] >= 1
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert warnings and "re-based" in warnings[0].getMessage()
+    assert any("re-based" in w.getMessage() for w in warnings)
 
 
 # -- conformance bits that live in the guard --------------------------------------------------

@@ -111,14 +111,14 @@ def test_effective_rank_only_computes_on_check_steps():
     d = run(m, opt, batches, FaultSchedule([make_fault("rank_collapse", 30, 1)]))
     assert d == [("accept", None)] * 32       # steps 30 and 31 are not checked: not seen
     sig = opt.signals[0]
-    assert sig.baseline is not None and sig.due == 51   # first check: step 1 (first post check)
-    late = FaultSchedule([make_fault("rank_collapse", 51, 1)])
+    assert sig.baseline is not None and sig.due == 50   # first check: when the guard was built
+    late = FaultSchedule([make_fault("rank_collapse", 50, 1)])
     d = run(m, opt, tiny.data(steps=60)[1][32:], late, start=32)
-    assert d[:19] == [("accept", None)] * 19
-    assert d[19][0] == "rollback" and "effective_rank" in d[19][1]   # step 51: checked
-    # a failed check does not advance the schedule: the next post check (step 53, after the
-    # rolled-back state's next proposal) runs again, finds it healthy, next due at 103
-    assert d[20:] == [("accept", None)] * 8 and sig.due == 103
+    assert d[:18] == [("accept", None)] * 18
+    assert d[18][0] == "rollback" and "effective_rank" in d[18][1]   # step 50: checked
+    # a failed check does not advance the schedule: the next post check (step 52, after the
+    # rolled-back state's next proposal) runs again, finds it healthy, next due at 102
+    assert d[19:] == [("accept", None)] * 9 and sig.due == 102
 
 
 def test_step_counters_retake_reference_after_a_rollback():

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -268,7 +270,8 @@ def test_bare_adamw_state_dict_loads_and_training_continues_exactly(tmp_path):
     opt.load_state_dict(torch.load(tmp_path / "bare.pt", weights_only=True))
     assert opt.yhat == opt.y0 is not None and opt.last_decision is None  # y(theta_0), measured now
     # theta_safe <- the loaded state (Algorithm 1, line 3), nothing older
-    assert opt.safe_snapshot.captured and opt.safe_snapshot.step == 0 and len(opt.snapshot_history) == 0
+    # (its steps numbered from the inner optimizer's count: the run's iteration 10)
+    assert opt.safe_snapshot.captured and opt.safe_snapshot.step == 10 and len(opt.snapshot_history) == 0
     assert all(v == 0 for v in opt.stats.values())
     assert opt.state[next(m2.parameters())]["step"].item() == 10  # inner state is the bare one
 
@@ -290,10 +293,12 @@ def test_bare_state_dict_resets_all_guard_state_of_a_used_guard():
         bare.step(tiny.closure_for(bare, bare_model, x, y))
     opt.load_state_dict(clone(bare.state_dict()))
 
-    fresh = make_guard(tiny.model(seed=0))
-    assert opt.yhat == opt.y0 is not None and opt.step_state.t == 0      # measured afresh at the load
+    fresh = make_guard(copy.deepcopy(m))   # a fresh guard of the same weights, loading the same
+    fresh.load_state_dict(clone(bare.state_dict()))
+    # measured afresh at the load; its steps numbered from the bare optimizer's 3
+    assert opt.yhat == opt.y0 is not None and opt.step_state.t == 3
     assert opt.stats == fresh.stats
-    assert opt.safe_snapshot.captured and opt.safe_snapshot.step == 0 and len(opt.snapshot_history) == 0
+    assert opt.safe_snapshot.captured and opt.safe_snapshot.step == 3 and len(opt.snapshot_history) == 0
     assert opt.safe_snapshot.matches_live_params()
     assert opt.threshold.state_dict() == fresh.threshold.state_dict()
     assert_deep_equal({s.name: s.state_dict() for s in opt.signals},

@@ -48,6 +48,11 @@ PROBE = "signals/probe.py:probe_value"
 #: the re-run rung (ladder): the two training losses and the re-run's gradient norm
 #: ``state_dict()`` of a probe-less guard with unverified steps verifies the live state
 SETTLE = "guard.py:_read"   # the same reading of the post-step flags, at save time
+#: the weights' fingerprint (per-tensor sum and sum of squares) saved by ``state_dict()`` and
+#: compared at the first step after a load: one read each time
+FPRINT = "checkpoint.py:fingerprint"
+#: a pre-step alarm on a verified live state compares it with the snapshot, value for value
+LIVE_CHECK = "snapshot/core.py:matches_live_params"
 #: GradientSpike's state is host-side: its ``state_dict`` builds CPU tensors, and loading
 #: them (at construction too: every guard starts from its signals' initial state) reads
 #: them back, no sync on CUDA either
@@ -315,7 +320,8 @@ def test_measured_accepted_step_reads_twice(reads):
 def test_skip_on_a_verified_state_reads_once(reads):
     m, opt, batches, _ = _problem(probe=True)
     _train(reads, m, opt, batches[:2])
-    assert _step(reads, m, opt, batches[2], nan_grad=True) == [FLAGS]
+    # the alarm fired on a verified state: is it still the verified one? (one read)
+    assert _step(reads, m, opt, batches[2], nan_grad=True) == [FLAGS, LIVE_CHECK]
     assert opt.last_decision == "skip"
 
 
@@ -331,7 +337,7 @@ def test_skip_with_unverified_steps_reads_the_post_step_flags_too(reads):
 def test_skip_at_a_verification_step_reads_once(reads):
     m, opt, batches, _ = _problem()
     _train(reads, m, opt, batches[:VERIFY_EVERY])
-    assert _step(reads, m, opt, batches[VERIFY_EVERY], nan_grad=True) == [FLAGS]
+    assert _step(reads, m, opt, batches[VERIFY_EVERY], nan_grad=True) == [FLAGS, LIVE_CHECK]
     assert opt.last_decision == "skip" and opt.safe_snapshot.step == VERIFY_EVERY
 
 
@@ -410,7 +416,8 @@ def test_construction_and_first_step(reads, probed):
     lists read back from CPU tensors (no sync on CUDA either)."""
     with reads.counting():
         m, opt, batches, _ = _problem(probe=probed)
-    assert [s for s in reads.syncs if s not in HOST_STATE] == ([PROBE] if probed else [])
+    # the post-step signals take their references from theta_0: one reading
+    assert [s for s in reads.syncs if s not in HOST_STATE] == ([PROBE, FLAGS] if probed else [FLAGS])
     steady = [FLAGS, MEASURE] if probed else [FLAGS]
     assert _step(reads, m, opt, batches[0]) == steady
 
@@ -420,22 +427,26 @@ def test_weights_written_before_the_first_step_are_measured_again(reads):
     with torch.no_grad():
         for p, q in zip(m.parameters(), tiny.model(1).parameters()):
             p.copy_(q)
-    assert _step(reads, m, opt, batches[0]) == [PROBE, FLAGS, MEASURE]
+    # the references are taken anew (the signals' initial state reloaded: host-side lists)
+    assert [s for s in _step(reads, m, opt, batches[0]) if s not in HOST_STATE] == [
+        PROBE, FLAGS, FLAGS, MEASURE]
 
 
 @pytest.mark.parametrize("probed", [False, True], ids=["no_probe", "probe"])
 def test_first_step_after_load_state_dict(reads, probed):
     m, opt, batches, _ = _problem(probe=probed)
     _train(reads, m, opt, batches[:3])
-    sd = copy.deepcopy(opt.state_dict())
+    sd, weights = copy.deepcopy(opt.state_dict()), copy.deepcopy(m.state_dict())
     _train(reads, m, opt, batches[3:5])
+    m.load_state_dict(weights)            # a resume loads the model with the optimizer
     with reads.counting():
         opt.load_state_dict(sd)
     # a load checks every tensor it is given (finite, exp_avg_sq >= 0): one read each, once
     assert set(reads.syncs) <= LOAD_CHECKS | HOST_STATE
     assert reads.syncs.count("validation.py:optimizer_state") >= len(opt.state)
     steady = [FLAGS, MEASURE] if probed else [FLAGS]
-    assert _train(reads, m, opt, batches[5:7]) == [steady] * 2
+    # the first step compares the live weights with the checkpoint's fingerprint (one read)
+    assert _train(reads, m, opt, batches[5:7]) == [[FPRINT] + steady, steady]
 
 
 def test_state_dict_verifies_unverified_steps_with_one_read(reads):
@@ -443,10 +454,10 @@ def test_state_dict_verifies_unverified_steps_with_one_read(reads):
     _train(reads, m, opt, batches[:3])
     with reads.counting():
         opt.state_dict()
-    assert reads.syncs == [SETTLE]
+    assert reads.syncs == [SETTLE, FPRINT]
     with reads.counting():
-        opt.state_dict()                  # now verified: nothing to read
-    assert reads.syncs == []
+        opt.state_dict()                  # now verified: only the fingerprint is read
+    assert reads.syncs == [FPRINT]
 
 
 # -- opt-in signals and recovery actions -----------------------------------------------------

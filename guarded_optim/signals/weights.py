@@ -93,10 +93,11 @@ class WeightNorm:
         ref = self.reference()
         if ref is None or self.last is None:
             return _false(norm.device)
-        ratio = norm / ref.to(norm.device, norm.dtype).clamp_min(1e-30)
-        step = norm / self.last.to(norm.device, norm.dtype).clamp_min(1e-30)
-        bad = (ratio < self.low) | (ratio > self.high)
-        bad = bad | (step > self.max_step_ratio) | (step < 1.0 / self.max_step_ratio)
+        ref, last = ref.to(norm.device, norm.dtype), self.last.to(norm.device, norm.dtype)
+        ratio, step = norm / ref.clamp_min(1e-30), norm / last.clamp_min(1e-30)
+        # a zero norm (a zero-initialised model, seen when the guard is built) bounds nothing
+        bad = ((ratio < self.low) | (ratio > self.high)) & (ref > 0)
+        bad = bad | (((step > self.max_step_ratio) | (step < 1.0 / self.max_step_ratio)) & (last > 0))
         return torch.isfinite(norm) & bad
 
     def observe(self, m, applied, fired) -> None:

@@ -121,13 +121,17 @@ class Snapshot:
 
     def matches_live_params(self) -> bool:
         """Whether the saved parameters equal the live ones, value for value (a host copy is
-        compared on the parameter's device). A pass over both, and syncs: for rare checks
+        compared on the parameter's device). A pass over both and one read: for rare checks
         (a write the version counters cannot see, such as ``p.data.mul_()``)."""
         self.synchronize()
-        live = _flat_params(self.optimizer)
-        return len(live) == len(self._saved_params) and all(
-            a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b.to(a.device))
-            for a, b in zip((_local(p.detach()) for p in live), self._saved_params))
+        live = [_local(p.detach()) for p in _flat_params(self.optimizer)]
+        if len(live) != len(self._saved_params) or any(
+                a.shape != b.shape or a.dtype != b.dtype for a, b in zip(live, self._saved_params)):
+            return False
+        if not live:
+            return True
+        same = [(a == b.to(a.device)).all() for a, b in zip(live, self._saved_params)]
+        return bool(torch.stack([t.to(same[0].device) for t in same]).all())   # one read
 
     # -- restore --------------------------------------------------------------------------
     @torch.no_grad()
