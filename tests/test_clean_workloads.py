@@ -438,10 +438,53 @@ class GaussianNLL(Workload):
         return self.nll(self.xp, self.yp)
 
 
+class WarmRestarts(DigitsMLP):
+    """AdamW 1e-2 under ``CosineAnnealingWarmRestarts(T_0=25)``: every 25 steps the LR jumps
+    from near 0 back to its peak (the user's schedule, not damage)."""
+
+    steps = 125
+
+    def build(self):
+        super().build()
+        for g in self.inner.param_groups:
+            g["lr"] = 1e-2
+        self.sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(self.inner, T_0=25)
+
+    def after_step(self, t):
+        self.sched.step()
+
+
+class LRRamp(DigitsMLP):
+    """The LR ramps up 10x over the run, 1e-3 -> 1e-2 (a LambdaLR stepped every step)."""
+
+    steps = 100
+
+    def build(self):
+        super().build()
+        for g in self.inner.param_groups:
+            g["lr"] = 1e-3
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.inner, lambda t: 1 + 9 * t / 100)
+
+    def after_step(self, t):
+        self.sched.step()
+
+
+class LongMultiEpoch(DigitsMLP):
+    """64 training examples seen for 400 steps of 32 (200 epochs): the held-out probe loss
+    bottoms out and then rises slowly as the MLP overfits."""
+
+    steps = 400
+
+    def build(self):
+        super().build()
+        self.xt, self.yt = self.xt[:64], self.yt[:64]
+
+
 WORKLOADS = {w.__name__: w for w in (
     Tiny, DigitsMLP, DigitsCNN, CharTransformer, AlternatingObjectives, GANAlternation,
     NoGradSteps, ZeroGradSteps, FrozenThenUnfrozen, FineTuning, SaturatedStart,
-    SaturatedSlow, LargeInit, ZeroInitLogistic, GaussianNLL, Clipped, ClippedTight, SGDMomentum, AdamWarmup, Dropout)}
+    SaturatedSlow, LargeInit, ZeroInitLogistic, GaussianNLL, Clipped, ClippedTight, SGDMomentum, AdamWarmup, Dropout,
+    WarmRestarts, LRRamp, LongMultiEpoch)}
 
 
 def guard_for(w: Workload, probe: bool, **kw) -> GuardedOptimizer:
