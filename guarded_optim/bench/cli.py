@@ -20,13 +20,14 @@ import torch
 from .. import __version__
 from ..faults import FAULTS
 from . import report
+from .lr_window import QUICK_SEEDS as LR_WINDOW_QUICK_SEEDS, SEEDS as LR_WINDOW_SEEDS
 from .scenarios import ABLATIONS, ARMS, SCENARIOS
 from .suites import (ABLATION_SCENARIOS, QUICK_SCENARIOS, ablation, protocol, scaling,
                      scenario_suite, scenario_summary)
 from .tasks import TASKS
 
-SUITES = ("default", "protocol", "scenarios", "ablation", "scaling", "memory", "natural", "gpu",
-          "all")
+SUITES = ("default", "protocol", "scenarios", "ablation", "scaling", "memory", "natural",
+          "lr_window", "gpu", "all")
 #: what ``--suite all`` leaves out (``gpu`` needs a CUDA device)
 NOT_IN_ALL = ("default", "gpu", "all")
 
@@ -168,6 +169,23 @@ def _natural(args, tick) -> None:
     print(natural.format_table(rows))
 
 
+def _lr_window(args, tick) -> None:
+    from . import lr_window
+    seeds = args.seeds if getattr(args, "seeds_given", True) else (
+        lr_window.QUICK_SEEDS if args.quick else lr_window.SEEDS)
+    rows = lr_window.run(seeds=seeds, quick=args.quick, out=args.out, progress=tick)
+    first = rows[0]
+    window = next(r["window"] for r in rows if r["window"] != "off")
+    print(f"\n## lr_window: a nanoGPT-like char GPT, {first['iters']} iterations, the schedule "
+          f"{window} (start:stop:factor) on the *_window arms, {seeds} seed(s); final/peak "
+          "ratio = val loss / bare_clean of the same seed (peak: from the window's start on); "
+          "identical_to_bare = final parameters equal (torch.equal) to the bare arm's under "
+          "the same schedule; the guard at its current defaults\n")
+    print(lr_window.format_table(rows))
+    if args.out:
+        print(f"\nwrote {', '.join(os.path.join(args.out, f) for f in lr_window.FILES)}")
+
+
 def _gpu(args) -> None:
     from . import gpu
 
@@ -209,6 +227,8 @@ def bench(args: argparse.Namespace) -> None:
             _memory(args, tick)
         if "natural" in suites:
             _natural(args, tick)
+        if "lr_window" in suites:
+            _lr_window(args, tick)
         if "gpu" in suites:
             _gpu(args)
     finally:
@@ -281,6 +301,15 @@ def _suite_help() -> list[tuple[str, str]]:
                              "without warm-up, attention- and output-logit growth, Adam "
                              "second-moment decay, fp16, bad data, edge of stability; bare vs "
                              "the guard vs a stable reference, 5 seeds (--mechanisms to pick)."))
+    from .lr_window import QUICK, SEEDS as LR_SEEDS, WINDOW, ITERS
+    pairs.append(("lr_window", "a nanoGPT-like char GPT (examples/nanogpt_like.py's loop: "
+                               "warm-up + cosine LR written into param_groups, gradient "
+                               f"accumulation, GradScaler calls, clipping) for {ITERS} "
+                               f"iterations, its schedule x{WINDOW[2]:g} for iterations "
+                               f"{WINDOW[0]}-{WINDOW[1] - 1}: bare vs the probe guard vs the "
+                               "probe-less guard, with and without the window, at the guard's "
+                               f"defaults, {LR_SEEDS} seeds (--quick: 1 seed, "
+                               f"{QUICK['max_iters']} iterations)."))
     from .gpu import BUDGET_S
     pairs.append(("gpu", f"on one CUDA device, within {BUDGET_S / 60:g} minutes (fewer timing "
                          "repetitions when it runs long): tests/test_cuda.py, "
@@ -348,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "adds the transformer except under --quick)")
     b.add_argument("--seeds", type=int, default=None,
                    help=f"protocol seeds; the paper's N=20 is --seeds 20 (default: {SEEDS}; under "
-                        f"--quick: {QUICK_SEEDS})")
+                        f"--quick: {QUICK_SEEDS}); lr_window suite: its own defaults, "
+                        f"{LR_WINDOW_SEEDS} and under --quick {LR_WINDOW_QUICK_SEEDS}")
     b.add_argument("--steps", type=int, default=None,
                    help=f"training steps per protocol run (default: {p['steps']}; under "
                         f"--quick: {q['steps']})")
@@ -397,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _resolve(args: argparse.Namespace) -> None:
     """Fill the options left unset with the full or ``--quick`` defaults."""
     quick = args.quick
+    args.seeds_given = args.seeds is not None   # suites with their own seed counts (lr_window)
     defaults = {**(QUICK_PROTOCOL if quick else PROTOCOL),
                 **(QUICK_SCENARIO_WINDOW if quick else SCENARIO_WINDOW),
                 "seeds": QUICK_SEEDS if quick else SEEDS,
