@@ -19,10 +19,12 @@ import torch
 from . import rng, validation
 from .distributed import check_world_size, full_value, resolve_group, world_size
 from .snapshot import SnapshotRing
+from .record import live_measurement
 from .state import Loaded, from_saved
 
 __all__ = ["STATE_VERSION", "guard_state", "fisher_source", "check_inner", "prepare", "load",
-           "check_signal_state", "restore_rng", "fingerprint", "mismatched", "settle_loaded"]
+           "check_signal_state", "restore_rng", "fingerprint", "mismatched", "settle_loaded",
+           "settle_verification"]
 
 STATE_VERSION = 2
 
@@ -62,6 +64,22 @@ def fingerprint(param_groups: list[dict]) -> list[list[float]]:
     stats = [torch.stack([full_value(p).double().sum(), full_value(p).double().square().sum()])
              for p in params]
     return torch.stack([s.to(stats[0].device) for s in stats]).tolist()   # one read
+
+
+def settle_verification(opt) -> None:
+    """Before a save, without a probe: run the post-step signals on the live state now, as
+    the next step's start would, and on a healthy verdict verify it (the checkpoint then
+    records the live state as the verified one instead of a second copy). Rank-local only
+    (a collective here would hang the common ``if rank == 0: save(opt.state_dict())``)."""
+    st, post = opt.step_state, [s for s in opt.signals if s.phase == "after"]
+    if (not opt._cadence.live or not st.unverified or opt._on_meta()
+            or world_size(resolve_group(opt.process_group)) > 1 or not post):
+        return
+    m = live_measurement(opt.inner, st.t)
+    fired = opt._read(m, [], post, None, None).state_fired
+    if not any(fired):
+        opt._learn(post, m, True, fired)
+        opt._verify(st.t)
 
 
 def settle_loaded(opt, loaded: Loaded) -> None:

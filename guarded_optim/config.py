@@ -18,7 +18,7 @@ from torch.optim import Optimizer
 from . import validation
 from .distributed import resolve_group
 from .fisher import FisherDiagonal, default_fisher
-from .innovation import FixedThreshold, RelativeThreshold, Threshold
+from .innovation import FixedThreshold, NoiseBand, Threshold
 from .ladder import Ladder
 from .policy import RecoveryAction
 from .signals import default_signals
@@ -92,7 +92,7 @@ def configure(optimizer: Optimizer, probe: Callable | None, module: torch.nn.Mod
     _warn_on_mismatch(optimizer, probe, module, epsilon, threshold)
     ladder = (ladder if ladder is not None else Ladder()).configure(
         max_consecutive_rejections, history, checkpoint_every, save_history)
-    return GuardConfig(threshold if threshold is not None else RelativeThreshold(), alpha,
+    return GuardConfig(threshold if threshold is not None else NoiseBand(), alpha,
                        probe_every, signals, callbacks, recovery, ladder, snapshot)
 
 

@@ -66,6 +66,9 @@ class StepEvent:
     signals: dict[str, bool] = field(default_factory=dict)
     skip_batches: int = 0   #: set by an escape: advance the data iterator by this many
     batch_id: Any = None    #: the ``batch_id`` passed to ``step()``, if any
+    #: the guard's LR multiplier after this step (the healing rung's backoff and recovery
+    #: actions, applied around ``inner.step()``: the groups' ``lr`` is the schedule's)
+    lr_scale: float = 1.0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,8 +76,11 @@ class StepEvent:
 
 def event_scalars(event: StepEvent) -> dict[str, float]:
     """The numbers of one event: the measurements taken on this step (``None`` ones are
-    left out), ``decision`` as an int (:data:`DECISION_CODES`), ``signal/<name>`` as 0/1."""
+    left out), ``lr_scale`` while the guard scales the LR (not 1), ``decision`` as an int
+    (:data:`DECISION_CODES`), ``signal/<name>`` as 0/1."""
     out = {k: float(getattr(event, k)) for k in _MEASURED if getattr(event, k) is not None}
+    if event.lr_scale != 1.0:
+        out["lr_scale"] = float(event.lr_scale)
     out["decision"] = DECISION_CODES[event.decision]
     out.update({f"signal/{name}": int(bool(f)) for name, f in event.signals.items()})
     return out
@@ -112,7 +118,7 @@ class CSVSink(_ClosingSink):
     """
 
     base_columns = ("step", "decision", "decision_code", "reason", "action", "grad_norm", "y",
-                    "yhat", "innovation", "threshold", "skip_batches")
+                    "yhat", "innovation", "threshold", "skip_batches", "lr_scale")
 
     def __init__(self, path_or_file: str | os.PathLike | io.TextIOBase,
                  signals: Iterable[str] | None = None, flush_every: int = 1):

@@ -32,7 +32,8 @@ from .amp import amp_unscale, found_inf
 from .config import VERIFY_EVERY, configure
 from .distributed import AUTO, agree, agree_host, full_value, pack, resolve_group, world_size
 from .events import StepEvent
-from .inner import accelerator, global_step_hooks_muted, inner_step_count, on_meta, propose
+from .inner import (accelerator, global_step_hooks_muted, inner_step_count, lr_scale, on_meta,
+                    propose)
 from .innovation import Threshold, accepts, ewma, innovation
 from .ladder import GuardStopped, Ladder, _plain_id
 from .logs import RateLimitedLog, log_step, stop_message
@@ -90,7 +91,7 @@ class GuardedOptimizer(Optimizer):
             probe runs in the mode the model is in (dropout active, BatchNorm statistics
             updated by the probe).
         epsilon: absolute threshold on the innovation (the paper's ``epsilon``), ``> 0``.
-            ``None`` (default): the scale-aware :class:`RelativeThreshold`. Needs a probe.
+            ``None`` (default): :class:`NoiseBand`, from the run's own noise. Needs a probe.
         threshold: a threshold object instead of ``epsilon`` (see :mod:`.innovation`).
         alpha: EWMA factor of ``yhat`` in ``(0, 1)`` (default 0.1, as in the paper).
         probe_every: the verification cadence: every ``k``-th applied step is verified (with
@@ -229,6 +230,8 @@ class GuardedOptimizer(Optimizer):
     stats = _view("step_state.stats", "Counts of every decision, rung and signal (plain ints).")
     last_decision = _view("step_state.last_decision", "``\"accept\"``, ``\"rollback\"`` or ``\"skip\"``.")
     last_event = _view("step_state.last_event", "The last step's :class:`StepEvent`.")
+    stopped = _view("step_state.stopped", "The healing budget is spent: every step is skipped "
+                    "until :meth:`resume` (the verified state is kept).")
     safe_snapshot = _view("_safe", "The last verified state (what a rollback restores).")
     snapshot_history = _view("_ring", "Older verified states (``history``), newest last.")
 
@@ -312,6 +315,10 @@ class GuardedOptimizer(Optimizer):
         reads them on a side stream. A no-op on CPU and in device mode."""
         self._safe.wait()
 
+    def resume(self) -> None:
+        """Propose again after a stop (``opt.stopped``), e.g. once the script lowered the LR."""
+        self.step_state.stopped, self.step_state.consecutive = False, 0
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
 
@@ -371,7 +378,7 @@ class GuardedOptimizer(Optimizer):
         if rec is not None:
             for callback in self.callbacks:   # the step is committed: an error here undoes nothing
                 callback(rec.event)
-            if Action.STOP in rec.actions:
+            if Action.STOP in rec.actions and self.ladder.on_exhausted == "raise":
                 raise GuardStopped(stop_message(self, rec.event))
         return loss
 
@@ -474,7 +481,7 @@ class GuardedOptimizer(Optimizer):
     def _propose(self, rec: StepRecord, loss: Any, closure: Callable | None) -> None:
         """Phase 4: ``inner.step()`` (:func:`.inner.propose`); the live state is then one more
         step from the verified one."""
-        propose(self.inner, self.recovery, loss, closure)
+        propose(self.inner, lr_scale(self.recovery, self.ladder), loss, closure)
         self.step_state.unverified += 1
         self.step_state.live_is_safe = False
 
@@ -527,6 +534,8 @@ class GuardedOptimizer(Optimizer):
     def _accept(self, rec: StepRecord) -> StepRecord:
         st = self.step_state
         st.in_row = st.skips_in_row = 0
+        if self.ladder.backoff is not None:
+            self.ladder.backoff.on_healthy()
         for a in self.recovery:
             a.on_healthy(self)
         st.stats["accepted"] += 1   # provisional until a verification, on an unmeasured step
@@ -554,6 +563,9 @@ class GuardedOptimizer(Optimizer):
         rec.undone = max(rec.undone, st.unverified)   # a re-run may have restored already
         done = [self.ladder.budget.on_rejection(self, rec.y)]
         st.in_row += 1
+        if self.ladder.backoff is not None and self.ladder.backoff.on_rejection(st.in_row):
+            st.stats["backoffs"] += 1   # the healing rung: later proposals at a lower LR
+            done.append(Action.BACKOFF)
         for a in self.recovery:
             done.append(a.on_rollback(self, st.in_row))
             if done[-1] is not None:
@@ -568,6 +580,7 @@ class GuardedOptimizer(Optimizer):
         """Commit the step: its counters, its event, and its log record."""
         st = self.step_state
         event = rec.close(decision)
+        event.lr_scale = lr_scale(self.recovery, self.ladder)
         st.t += 1
         st.stats["steps"] += 1
         st.last_decision, st.last_event = decision.value, event
@@ -647,7 +660,7 @@ class GuardedOptimizer(Optimizer):
         """
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
-        self._settle_verification()
+        checkpoint.settle_verification(self)
         sd = self.inner.state_dict()
         sd["guard"] = checkpoint.guard_state(self)
         for hook in self._optimizer_state_dict_post_hooks.values():
@@ -655,20 +668,6 @@ class GuardedOptimizer(Optimizer):
             if result is not None:
                 sd = result
         return sd
-
-    def _settle_verification(self) -> None:
-        """Without a probe: run the post-step signals on the live state now, as the next
-        step's start would, and on a healthy verdict verify it. Rank-local only (a collective
-        here would hang the common ``if rank == 0: save(opt.state_dict())``)."""
-        st = self.step_state
-        if (not self._cadence.live or not st.unverified or self._on_meta()
-                or world_size(resolve_group(self.process_group)) > 1 or not self._post):
-            return
-        m = live_measurement(self.inner, st.t)
-        fired = self._read(m, [], self._post, None, None).state_fired
-        if not any(fired):
-            self._learn(self._post, m, True, fired)
-            self._verify(st.t)
 
     def restore_rng_state(self, state_dict: dict[str, Any]) -> None:
         """Set this process's RNG streams to those saved in ``state_dict`` (from

@@ -16,7 +16,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
-__all__ = ["propose", "replay", "global_step_hooks_muted", "on_meta", "accelerator",
+__all__ = ["propose", "lr_scale", "replay", "global_step_hooks_muted", "on_meta", "accelerator",
            "inner_step_count"]
 
 
@@ -62,10 +62,14 @@ def global_step_hooks_muted():
             h.update(added)
 
 
-def propose(inner: Optimizer, recovery: list, loss: Any, closure: Callable | None) -> None:
-    """``inner.step()`` on the cached loss, with the recovery actions' LR scale applied to
-    every group around it only (the groups' ``lr`` is back as it was afterwards)."""
-    scale = math.prod(a.lr_scale() for a in recovery)
+def lr_scale(recovery: list, ladder) -> float:
+    """The guard's LR multiplier: the healing rung's scale times the recovery actions'."""
+    return ladder.lr_scale() * math.prod(a.lr_scale() for a in recovery)
+
+
+def propose(inner: Optimizer, scale: float, loss: Any, closure: Callable | None) -> None:
+    """``inner.step()`` on the cached loss, with the guard's LR ``scale`` applied to every
+    group around it only (the groups' ``lr`` is back as it was afterwards)."""
     base = [g["lr"] for g in inner.param_groups] if scale != 1.0 else []
     for g, lr in zip(inner.param_groups, base):
         g["lr"] = lr * scale

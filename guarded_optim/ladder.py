@@ -53,6 +53,7 @@ Rungs, in order (each an event, a ``stats`` counter and a log record):
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Callable, Hashable, Iterator
 
@@ -64,9 +65,9 @@ from .policy import ResetMoments
 from .signals.probe import ProbeError
 
 __all__ = ["GuardStopped", "ReRun", "Overrule", "Quarantine", "QuarantineSampler", "ReachBack",
-           "Budget", "ResetMoments", "Ladder"]
+           "BackOff", "Budget", "ResetMoments", "Ladder"]
 
-_EXHAUSTED = ("raise", "rebaseline")
+_EXHAUSTED = ("hold", "raise", "rebaseline")
 
 
 class GuardStopped(RuntimeError):
@@ -159,14 +160,70 @@ class ReachBack:
                 f"save_history={self.save_history})")
 
 
+class BackOff:
+    """The healing rung: change what is proposed instead of proposing the same thing again.
+
+    As GradScaler backs off its scale on an overflow and grows it back after clean steps:
+    after ``after`` rejections in a row (the cause is not one batch), every later proposal
+    is made at ``scale`` x the learning rate, the scale multiplied by ``factor`` at each
+    further rejection (down to ``min_scale``); after ``growth_interval`` healthy applied
+    steps in a row it grows back by ``1 / factor`` (up to 1). The scale is the guard's own
+    multiplier around ``inner.step()`` (the groups' ``lr`` that schedulers write is never
+    changed), reported as ``StepEvent.lr_scale`` and counted in ``stats["backoffs"]``.
+    """
+
+    name = "backoff"
+
+    def __init__(self, factor: float = 0.5, after: int = 2, growth_interval: int = 10,
+                 min_scale: float = 2.0 ** -10):
+        if not (0 < factor < 1 and 0 < min_scale <= 1) or after < 1 or growth_interval < 1:
+            raise ValueError(f"Invalid factor={factor!r} / after={after!r} / growth_interval="
+                             f"{growth_interval!r} / min_scale={min_scale!r}; need 0 < factor < 1, "
+                             "0 < min_scale <= 1, after >= 1, growth_interval >= 1.")
+        self.factor, self.after, self.growth_interval = factor, after, growth_interval
+        self.min_scale = min_scale
+        self.scale, self.healthy = 1.0, 0
+
+    def on_rejection(self, in_row: int) -> bool:
+        """The ``in_row``-th rejection in a row; ``True`` if the scale backed off."""
+        self.healthy = 0
+        if in_row < self.after or self.scale <= self.min_scale:
+            return False
+        self.scale = max(self.scale * self.factor, self.min_scale)
+        return True
+
+    def on_healthy(self) -> None:
+        if self.scale < 1.0:
+            self.healthy += 1
+            if self.healthy >= self.growth_interval:
+                self.scale, self.healthy = min(1.0, self.scale / self.factor), 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scale": self.scale, "healthy": self.healthy}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        scale, healthy = float(state["scale"]), int(state["healthy"])
+        if not (math.isfinite(scale) and 0 < scale <= 1) or healthy < 0:
+            raise ValueError(f"backoff state {state} is out of range.")
+        self.scale, self.healthy = scale, healthy
+
+    def __repr__(self) -> str:
+        return (f"BackOff(factor={self.factor}, after={self.after}, "
+                f"growth_interval={self.growth_interval}, min_scale={self.min_scale})")
+
+
 class Budget:
     """Rungs 3, 5 and 6: roll back; after ``limit`` rejections in a row reach back to an
-    older verified snapshot (if the history keeps one), else stop (``on_exhausted="raise"``,
-    a probe rejection) or re-base the references. ``limit=None`` never escalates."""
+    older verified snapshot (if the history keeps one), else stop: ``on_exhausted="hold"``
+    (the default: the guard keeps the verified state, says so at WARNING, sets
+    ``opt.stopped`` and skips every later step until the script decides),
+    ``"raise"`` (:class:`GuardStopped` from ``step()``), or ``"rebaseline"`` (re-base the
+    references). A stop needs a probe rejection; without one the signals are re-based.
+    ``limit=None`` never escalates."""
 
     name = "budget"
 
-    def __init__(self, limit: int | None = 20, on_exhausted: str = "raise"):
+    def __init__(self, limit: int | None = 20, on_exhausted: str = "hold"):
         if on_exhausted not in _EXHAUSTED:
             raise ValueError(f"Invalid on_exhausted: {on_exhausted!r}; choose one of {_EXHAUSTED}.")
         self.limit, self.on_exhausted = limit, on_exhausted
@@ -190,8 +247,9 @@ class Budget:
             guard._restore()
             return Action.ESCALATE
         guard._restore()
-        if self.on_exhausted == "raise" and y is not None:
+        if self.on_exhausted != "rebaseline" and y is not None:
             st.stats["stops"] += 1   # the probe kept rejecting: stop, accept nothing
+            st.stopped = True
             return Action.STOP
         self._rebaseline(guard, y)
         st.stats["rebaselines"] += 1
@@ -296,7 +354,9 @@ class Ladder:
     Args:
         rerun: a :class:`ReRun` (default), or ``None`` to roll back without re-running.
         quarantine: the :class:`Quarantine` to fill (default: a new one).
-        on_exhausted: ``"raise"`` (default: :class:`GuardStopped`) or ``"rebaseline"``.
+        on_exhausted: ``"hold"`` (default: keep the verified state, skip later steps,
+            ``opt.stopped``), ``"raise"`` (:class:`GuardStopped`) or ``"rebaseline"``.
+        backoff: the healing rung, a :class:`BackOff` (default), or ``None``.
         overrule: skips in a row after which a probe decides the next flagged step
             (opt-in, e.g. 3; default ``None``: never, the signal skips until its own
             patience re-bases). Off by default: on the digits CNN the probe accepted the
@@ -310,7 +370,8 @@ class Ladder:
     """
 
     def __init__(self, rerun: ReRun | None = ReRun(), quarantine: Quarantine | None = None,
-                 on_exhausted: str = "raise", overrule: int | None = None):
+                 on_exhausted: str = "hold", overrule: int | None = None,
+                 backoff: BackOff | None = BackOff()):
         self.overrule = Overrule(overrule) if overrule is not None else None
         if rerun is not None and not isinstance(rerun, ReRun):
             raise TypeError(f"rerun must be a ReRun() or None, got {rerun!r}.")
@@ -318,6 +379,13 @@ class Ladder:
         self.quarantine = quarantine if quarantine is not None else Quarantine()
         self.budget = Budget(20, on_exhausted)
         self.reach_back = ReachBack()
+        if backoff is not None and not isinstance(backoff, BackOff):
+            raise TypeError(f"backoff must be a BackOff() or None, got {backoff!r}.")
+        self.backoff = copy.deepcopy(backoff)   # the default instance is shared: own a copy
+
+    def lr_scale(self) -> float:
+        """The healing rung's LR multiplier (1.0 without one)."""
+        return self.backoff.scale if self.backoff is not None else 1.0
 
     @property
     def on_exhausted(self) -> str:
@@ -331,12 +399,17 @@ class Ladder:
         return self
 
     def state_dict(self) -> dict[str, Any]:
-        return {"quarantine": self.quarantine.state_dict()}
+        sd: dict[str, Any] = {"quarantine": self.quarantine.state_dict()}
+        if self.backoff is not None:
+            sd["backoff"] = self.backoff.state_dict()
+        return sd
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.quarantine.load_state_dict(state["quarantine"])
+        if self.backoff is not None:   # absent before the healing rung: start at 1
+            self.backoff.load_state_dict(state.get("backoff", {"scale": 1.0, "healthy": 0}))
 
     def __repr__(self) -> str:
         return (f"Ladder(rerun={self.rerun!r}, quarantine={self.quarantine!r}, "
                 f"on_exhausted={self.on_exhausted!r}, overrule={self.overrule!r}, "
-                f"budget={self.budget!r}, reach_back={self.reach_back!r})")
+                f"backoff={self.backoff!r}, budget={self.budget!r}, reach_back={self.reach_back!r})")

@@ -47,7 +47,9 @@ class RateLimitedLog:
 
 _ESCALATIONS = {Action.ESCALATE: "reached back to an older verified state",
                 Action.REBASELINE: "re-based the reference on the new level",
-                Action.STOP: "stopped at the last verified state"}
+                Action.STOP: "stopped: the model and optimizer hold the last verified state "
+                             "and every later step is skipped (opt.stopped) until the script "
+                             "decides: save a checkpoint, lower the LR, then opt.resume()"}
 
 
 def _nonzero(stats: dict[str, int]) -> dict[str, int]:

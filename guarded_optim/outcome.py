@@ -53,6 +53,7 @@ class Action(str, enum.Enum):
     ESCALATE = "escalate"                   #: rung 5: rolled back to an older verified state
     REBASELINE = "rebaseline"               #: rung 6 (opt-in): the references re-based
     STOP = "stop"                           #: rung 6: the budget is spent, GuardStopped
+    BACKOFF = "backoff"                     #: the healing rung lowered the LR scale
     ESCAPE = "escape"                       #: the Escape recovery action perturbed the weights
 
     def __str__(self) -> str:

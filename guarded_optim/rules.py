@@ -3,7 +3,7 @@
 Each rule reads the step's :class:`~guarded_optim.record.StepRecord` and returns a
 :class:`Ruling` (the step is decided here: nothing is proposed) or ``None`` (the next
 rule asks). The order is policy: the live state's damage first (it would be the base of
-any proposal), then GradScaler's overflow (its own routine skip; the signals learn
+any proposal), then a guard that holds after its healing budget was spent, then GradScaler's overflow (its own routine skip; the signals learn
 nothing from it), then a quarantined batch, then the pre-step signals (or the ladder's
 overrule of them). :data:`PRE_PROPOSAL` lists them; the guard runs them top to bottom.
 """
@@ -17,7 +17,7 @@ from .outcome import Action, Decision
 from .record import StepRecord
 from .signals import Verdict
 
-__all__ = ["Ruling", "AmpOverflow", "QuarantinedBatch", "SignalSkip", "PRE_PROPOSAL", "batch_explains",
+__all__ = ["Ruling", "Held", "AmpOverflow", "QuarantinedBatch", "SignalSkip", "PRE_PROPOSAL", "batch_explains",
            "live_written"]
 
 
@@ -29,6 +29,17 @@ class Ruling:
     decision: Decision
     reasons: tuple[str, ...]
     counters: tuple[str, ...] = ()
+
+
+class Held:
+    """The healing budget was spent (:class:`~.ladder.Budget`, ``on_exhausted="hold"``): the
+    guard keeps the verified state and skips every step until the script decides
+    (``opt.stopped``; ``opt.resume()`` proposes again)."""
+
+    def __call__(self, guard, rec: StepRecord) -> Ruling | None:
+        if not guard.step_state.stopped:
+            return None
+        return Ruling(Decision.SKIP, ("stopped",), ("skipped_stopped",))
 
 
 class AmpOverflow:
@@ -71,7 +82,7 @@ class SignalSkip:
 
 
 #: the pre-proposal rules, in the order the guard asks them
-PRE_PROPOSAL = (AmpOverflow(), QuarantinedBatch(), SignalSkip())
+PRE_PROPOSAL = (Held(), AmpOverflow(), QuarantinedBatch(), SignalSkip())
 
 
 def batch_explains(guard, pre: list, fired: list[bool]) -> bool:

@@ -49,6 +49,7 @@ class StepState:
     last_event: Any = None          #: the last StepEvent (not saved)
     live_is_safe: bool = True       #: the live state equals the verified snapshot
     restores: int = 0               #: restores of the verified snapshot (a failed call's undo)
+    stopped: bool = False           #: the healing budget is spent: later steps are skipped
 
     @classmethod
     def fresh(cls, stat_names: Iterable[str]) -> "StepState":
@@ -100,7 +101,7 @@ def stat_names(signals: list) -> list[str]:
     return ["steps", "accepted", "rollbacks", "skipped", "measured", "escalations",
             "rebaselines", "escapes", "skipped_amp_overflow", "reruns", "transient",
             "persistent", "quarantined", "skipped_quarantined", "stops", "overruled",
-            "batch_loss_spikes", "checkpoint_mismatches",
+            "batch_loss_spikes", "checkpoint_mismatches", "backoffs", "skipped_stopped",
             *(f"skipped_{s.name}" for s in signals if s.verdict is Verdict.SKIP),
             *(f"failures_{s.name}" for s in signals if s.verdict is Verdict.FAILURE)]
 

@@ -277,7 +277,8 @@ def forecast_guard(probe_values, recovery):
     _, batches = tiny.data(steps=len(probe_values))
     it = iter(probe_values)
     opt = GuardedOptimizer(torch.optim.SGD(m.parameters(), lr=0.01), lambda: next(it), module=m,
-                           recovery=recovery, history=5, checkpoint_every=10_000)
+                           recovery=recovery, history=5, checkpoint_every=10_000,
+                           threshold=RelativeThreshold())   # lets the climb in: the forecast acts
     return m, opt, batches
 
 

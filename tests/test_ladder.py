@@ -131,8 +131,36 @@ def test_rung5_reset_moments_is_opt_in_and_reported():
     assert all(float(st["momentum_buffer"].abs().sum()) == 0 for st in opt.state.values())
 
 
-def test_rung6_the_budget_spent_stops_with_a_clear_error_at_the_verified_state(caplog):
+def test_rung6_the_budget_spent_holds_the_verified_state_without_raising(caplog):
+    """The default: no exception (a script with no try/except goes on, ``scaler.step``
+    completes); the guard keeps the verified state, says so at WARNING, skips every later
+    step until ``opt.resume()``."""
     m, opt, batches = _guard(max_consecutive_rejections=3)
+    for x, y in batches[:4]:
+        opt.step(_closure(opt, m, x, y)[0])
+    verified = tiny.full_state(m, opt)
+    caplog.set_level(logging.INFO, logger="guarded_optim")
+    for x, y in batches[4:7]:
+        opt.step(_closure(opt, m, x, y * 1e3)[0])
+    assert opt.stopped and opt.stats["stops"] == 1 and opt.last_event.action.startswith("rerun")
+    assert "stop" in opt.last_event.action.split(",")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("stopped" in w and "opt.resume()" in w for w in warnings)
+    for x, y in batches[7:10]:                       # held: skipped, nothing proposed
+        opt.step(_closure(opt, m, x, y)[0])
+        assert opt.last_decision == "skip" and opt.last_event.reason == "stopped"
+    # parameters and optimizer state as verified (a skip's forward pass moves BatchNorm's
+    # running statistics, as every skip's does)
+    held = {k: v for k, v in tiny.full_state(m, opt).items() if not k.startswith("buffer.")}
+    tiny.assert_same(held, {k: v for k, v in verified.items() if not k.startswith("buffer.")})
+    assert opt.stats["skipped_stopped"] == 3
+    opt.resume()
+    opt.step(_closure(opt, m, *batches[10])[0])
+    assert not opt.stopped and opt.last_decision == "accept"
+
+
+def test_rung6_the_budget_spent_stops_with_a_clear_error_at_the_verified_state(caplog):
+    m, opt, batches = _guard(max_consecutive_rejections=3, ladder=Ladder(on_exhausted="raise"))
     for x, y in batches[:4]:
         opt.step(_closure(opt, m, x, y)[0])
     verified = tiny.full_state(m, opt)

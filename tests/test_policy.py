@@ -59,7 +59,7 @@ def test_escape_after_repeated_rollbacks_perturbs_and_asks_to_skip_ahead():
     opt.callbacks.append(events.append)
     for b in batches[5:8]:
         assert step(m, opt, b, spike=1e4) == "rollback"
-    assert [e.action for e in events] == [None, None, "escape"]
+    assert [e.action for e in events] == [None, "backoff", "backoff,escape"]
     assert events[-1].skip_batches == 5 and opt.stats["escapes"] == 1
     moved = [(p.detach() - s).norm() / s.norm() for p, s in zip(m.parameters(), safe)]
     assert all(0 < float(r) < 1e-2 for r in moved)                # small, but everywhere

@@ -16,6 +16,7 @@ from torch import nn
 
 import tiny
 from guarded_optim import GradientSpike, GuardedOptimizer, RelativeThreshold
+from guarded_optim.innovation import NoiseBand
 
 PROBE_SET, BATCHES = tiny.data(seed=0, steps=60)
 
@@ -400,7 +401,7 @@ def test_state_from_a_guard_with_another_threshold_kind_is_rejected_atomically(d
         ({}, {"epsilon": 0.5})
     _, src = trained_guard(steps=12, **src_kw)
     m, opt = trained_guard(steps=5, seed=0, **dst_kw)
-    assert isinstance(opt.threshold, RelativeThreshold) == (direction == "fixed-into-relative")
+    assert isinstance(opt.threshold, NoiseBand) == (direction == "fixed-into-relative")
     _check_atomic_then_clear(m, opt, clone(src.state_dict()), ["threshold"])
 
 

@@ -347,7 +347,8 @@ def test_probe_rejection_rolls_back_without_another_read(reads):
     _train(reads, m, opt, batches[:2])
     probe.scale = 1e6
     assert _train(reads, m, opt, batches[2:4]) == [[FLAGS, MEASURE]] * 2
-    assert opt.stats["rollbacks"] == 2 and opt.last_event.action is None
+    # the second rejection in a row backs the LR off (the healing rung): no read either
+    assert opt.stats["rollbacks"] == 2 and opt.last_event.action == "backoff"
 
 
 def test_damaged_weights_between_steps_cost_a_second_read_when_unverified(reads):
@@ -395,7 +396,7 @@ def test_ring_push_and_escalation_add_no_read_on_cpu(reads):
     assert len(opt.snapshot_history) == 2
     probe.scale = 1e6
     assert _train(reads, m, opt, batches[4:6]) == [[FLAGS, MEASURE]] * 2
-    assert opt.last_event.action == "escalate" and opt.stats["escalations"] == 1
+    assert opt.last_event.action == "escalate,backoff" and opt.stats["escalations"] == 1
 
 
 def test_rebaseline_after_a_non_finite_probe_reads_the_probe_again(reads):
