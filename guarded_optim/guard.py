@@ -534,8 +534,8 @@ class GuardedOptimizer(Optimizer):
     def _accept(self, rec: StepRecord) -> StepRecord:
         st = self.step_state
         st.in_row = st.skips_in_row = 0
-        if self.ladder.backoff is not None:
-            self.ladder.backoff.on_healthy()
+        if self.ladder.backoff is not None and self.ladder.backoff.on_healthy(st.yhat):
+            st.stats["backoffs"] += 1   # no progress at the reduced LR: back off once more
         for a in self.recovery:
             a.on_healthy(self)
         st.stats["accepted"] += 1   # provisional until a verification, on an unmeasured step
@@ -563,7 +563,7 @@ class GuardedOptimizer(Optimizer):
         rec.undone = max(rec.undone, st.unverified)   # a re-run may have restored already
         done = [self.ladder.budget.on_rejection(self, rec.y)]
         st.in_row += 1
-        if self.ladder.backoff is not None and self.ladder.backoff.on_rejection(st.in_row):
+        if self.ladder.backoff is not None and self.ladder.backoff.on_rejection(st.in_row, st.yhat):
             st.stats["backoffs"] += 1   # the healing rung: later proposals at a lower LR
             done.append(Action.BACKOFF)
         for a in self.recovery:

@@ -166,8 +166,11 @@ class BackOff:
     As GradScaler backs off its scale on an overflow and grows it back after clean steps:
     after ``after`` rejections in a row (the cause is not one batch), every later proposal
     is made at ``scale`` x the learning rate, the scale multiplied by ``factor`` at each
-    further rejection (down to ``min_scale``); after ``growth_interval`` healthy applied
-    steps in a row it grows back by ``1 / factor`` (up to 1). The scale is the guard's own
+    further rejection (down to ``min_scale``). Every ``growth_interval`` healthy applied
+    steps in a row it looks at the probe's reference ``yhat``: lower than when the scale
+    last changed, training makes progress at this scale and it grows back by ``1 / factor``
+    (up to 1); higher, the reduced step still does damage slowly (a run past its edge of
+    stability) and it backs off once more. Without a probe it grows back. The scale is the guard's own
     multiplier around ``inner.step()`` (the groups' ``lr`` that schedulers write is never
     changed), reported as ``StepEvent.lr_scale`` and counted in ``stats["backoffs"]``.
     """
@@ -183,29 +186,45 @@ class BackOff:
         self.factor, self.after, self.growth_interval = factor, after, growth_interval
         self.min_scale = min_scale
         self.scale, self.healthy = 1.0, 0
+        self.reference: float | None = None   # yhat when the scale last changed
 
-    def on_rejection(self, in_row: int) -> bool:
+    def on_rejection(self, in_row: int, yhat: float | None) -> bool:
         """The ``in_row``-th rejection in a row; ``True`` if the scale backed off."""
         self.healthy = 0
-        if in_row < self.after or self.scale <= self.min_scale:
+        if in_row < self.after:
             return False
-        self.scale = max(self.scale * self.factor, self.min_scale)
+        return self._back_off(yhat)
+
+    def on_healthy(self, yhat: float | None) -> bool:
+        """A healthy applied step; ``True`` if the scale backed off (no progress at it)."""
+        if self.scale >= 1.0:
+            return False
+        self.healthy += 1
+        if self.healthy < self.growth_interval:
+            return False
+        self.healthy = 0
+        if yhat is not None and self.reference is not None and yhat > self.reference:
+            return self._back_off(yhat)
+        self.scale, self.reference = min(1.0, self.scale / self.factor), yhat
+        return False
+
+    def _back_off(self, yhat: float | None) -> bool:
+        if self.scale <= self.min_scale:
+            return False
+        self.scale, self.reference = max(self.scale * self.factor, self.min_scale), yhat
         return True
 
-    def on_healthy(self) -> None:
-        if self.scale < 1.0:
-            self.healthy += 1
-            if self.healthy >= self.growth_interval:
-                self.scale, self.healthy = min(1.0, self.scale / self.factor), 0
-
     def state_dict(self) -> dict[str, Any]:
-        return {"scale": self.scale, "healthy": self.healthy}
+        return {"scale": self.scale, "healthy": self.healthy, "reference": self.reference}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         scale, healthy = float(state["scale"]), int(state["healthy"])
-        if not (math.isfinite(scale) and 0 < scale <= 1) or healthy < 0:
+        reference = state.get("reference")
+        if not (math.isfinite(scale) and 0 < scale <= 1) or healthy < 0 or (
+                reference is not None and not math.isfinite(float(reference))):
             raise ValueError(f"backoff state {state} is out of range.")
         self.scale, self.healthy = scale, healthy
+        self.reference = None if reference is None else float(reference)
 
     def __repr__(self) -> str:
         return (f"BackOff(factor={self.factor}, after={self.after}, "
@@ -407,7 +426,8 @@ class Ladder:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.quarantine.load_state_dict(state["quarantine"])
         if self.backoff is not None:   # absent before the healing rung: start at 1
-            self.backoff.load_state_dict(state.get("backoff", {"scale": 1.0, "healthy": 0}))
+            self.backoff.load_state_dict(state.get("backoff", {"scale": 1.0, "healthy": 0,
+                                                               "reference": None}))
 
     def __repr__(self) -> str:
         return (f"Ladder(rerun={self.rerun!r}, quarantine={self.quarantine!r}, "
