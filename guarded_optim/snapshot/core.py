@@ -154,6 +154,7 @@ class Snapshot:
         if lay.buffers:
             self._transport.copy(lay.buffers, self._saved_buffers, self._buffer_stage,
                                  "buffers", out=False)
+        self._transport.mark_pinned_copies(live + list(lay.buffers))   # H2D reads in flight
         put_others(opt, lay.params, self._others, self._others_home, self.mode == "host")
         fp = _fingerprint(opt, lay.buffers)  # params added since capture: rebuild next time
         lay.fp = fp if fp[3] == len(lay.params) else None

@@ -293,8 +293,15 @@ class Transport:
         """Module buffers, live -> saved, on the current streams; pinned copies record an
         event per CUDA device for :meth:`synchronize`."""
         self.copy(saved, live, stage, "buffers", out=True)
-        if self.pin:   # pinned D2H copies on the current streams: events to wait on
-            for device in {b.device for b in live if b.is_cuda}:
+        self.mark_pinned_copies(live)
+
+    def mark_pinned_copies(self, live: list[torch.Tensor]) -> None:
+        """Pinned copies on the current streams (a capture's module buffers, every restore)
+        use the host buffers until they run: record an event per CUDA device of ``live``,
+        which :meth:`synchronize` waits on before the host touches the buffers again
+        (``copy_from``, ``load_state_dict``, ``add_params``, ``state_dict``)."""
+        if self.pin:
+            for device in {t.device for t in live if t.is_cuda}:
                 event = self.buffer_events.setdefault(device, torch.cuda.Event())
                 event.record(torch.cuda.current_stream(device))
 
