@@ -3,8 +3,9 @@
 Records go to the ``"guarded_optim"`` logger. A script that configures no logging still sees
 WARNING records (Python's last-resort handler prints them to stderr), so these are
 WARNING: the first intervention of a run (a skip or a rollback), every 10^k-th one after it
-(10th, 100th, ...) with the counts so far, every escalation (reach back, re-baseline, stop)
-and a loaded checkpoint that does not match the live weights. The other skips and rollbacks
+(10th, 100th, ...) with the counts so far, the first time the healing rung backs the LR
+off, every escalation (reach back, re-baseline, stop) and a loaded checkpoint that does not
+match the live weights. The other skips and rollbacks
 are INFO, GradScaler's own overflow skips DEBUG (routine while the scale settles). Each
 record says what happened in words: the step, what fired, the measured values, and which
 verified state the model and optimizer hold now. A long run is not flooded: per kind of
@@ -99,6 +100,11 @@ def log_step(guard, rec) -> None:
         log("rollback", logging.WARNING if note else logging.INFO, "step %d rolled back (%s%s%s): "
             "%s%s%s", e.step, e.reason, measured, grad, _kept(guard, rec),
             f"; action: {e.action}" if e.action else "", tail)
+    if Action.BACKOFF in rec.actions and guard.stats["backoffs"] == 1:
+        log("backoff", logging.WARNING, "step %d: the rejections persist, so the guard heals: it "
+            "now proposes at %.3g x the LR the schedule sets (the schedule's own lr is left "
+            "alone), and grows that back after healthy steps; each back-off is counted in "
+            "opt.stats['backoffs']", e.step, e.lr_scale)
     for action, what in _ESCALATIONS.items():
         if action in rec.actions:
             log(action.value, logging.WARNING, "step %d: %d rejections in a row, %s (%s); "
