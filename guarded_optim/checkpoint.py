@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from typing import Any, Callable
 
 import torch
 
 from . import rng, validation
-from .distributed import check_world_size, full_value, resolve_group, world_size
+from .distributed import check_world_size, resolve_group, world_size
 from .snapshot import SnapshotRing
 from .record import live_measurement
+from .snapshot.layout import _local
 from .state import Loaded, from_saved
 
 __all__ = ["STATE_VERSION", "guard_state", "fisher_source", "check_inner", "prepare", "load",
@@ -58,10 +60,12 @@ def fingerprint(param_groups: list[dict]) -> list[list[float]]:
     """The weights an optimizer state belongs to, in a few bytes per tensor: each
     parameter's sum and sum of squares (float64). Saved with the guard's state and compared
     at the first step after a load (:func:`mismatched`). One pass over the parameters."""
-    params = [p.detach() for g in param_groups for p in g["params"]]
+    params = [_local(p.detach()) for g in param_groups for p in g["params"]]   # this rank's shard
+    params = [torch.view_as_real(p) if p.is_complex() else p for p in params]
     if not params or any(p.is_meta for p in params):
         return []   # meta parameters hold no values (a checkpoint with [] is not checked)
-    stats = [torch.stack([full_value(p).double().sum(), full_value(p).double().square().sum()])
+    stats = [torch.stack([torch.sum(p, dtype=torch.float64),
+                          torch.linalg.vector_norm(p, dtype=torch.float64).square()])
              for p in params]
     return torch.stack([s.to(stats[0].device) for s in stats]).tolist()   # one read
 
@@ -135,7 +139,7 @@ def mismatched(saved: list, live: list, rtol: float = 1e-6) -> list[int]:
         return list(range(max(len(saved), len(live))))
     return [i for i, (a, b) in enumerate(zip(saved, live))
             if not all(abs(x - y) <= rtol * max(abs(x), abs(y), 1e-30) or x == y
-                       for x, y in zip(a, b))]
+                       or (math.isnan(x) and math.isnan(y)) for x, y in zip(a, b))]
 
 
 def fisher_source(opt) -> str | None:

@@ -201,7 +201,6 @@ class GuardedOptimizer(Optimizer):
 
     def _new_snapshot(self) -> Snapshot:
         return Snapshot(self.inner, self.module, mode=self._snapshot_mode)
-
     # -- what the guard is made of ----------------------------------------------------------
     @property
     def _pre(self) -> list:
@@ -235,8 +234,7 @@ class GuardedOptimizer(Optimizer):
     safe_snapshot = _view("_safe", "The last verified state (what a rollback restores).")
     snapshot_history = _view("_ring", "Older verified states (``history``), newest last.")
 
-    def _accelerator(self) -> torch.device | None:
-        """The device of the first parameter not on the CPU (where NCCL reduces), if any."""
+    def _accelerator(self) -> torch.device | None:   # where NCCL reduces
         return accelerator(self.param_groups)
 
     def _agreed(self, flag: bool) -> bool:
@@ -247,8 +245,7 @@ class GuardedOptimizer(Optimizer):
             return flag
         return agree_host([float(flag)], [], group, self._accelerator)[0] > 0
 
-    def _on_meta(self) -> bool:
-        """Meta parameters hold no values: the guard then steps exactly as the bare optimizer."""
+    def _on_meta(self) -> bool:   # meta parameters: the guard steps exactly as the bare optimizer
         return on_meta(self.param_groups)
 
     def _reset_guard_state(self) -> None:
@@ -390,8 +387,13 @@ class GuardedOptimizer(Optimizer):
     def _transaction(self, closure: Callable | None, batch_id: Any) -> tuple[Any, StepRecord]:
         """One guarded step that either completes or leaves the guard as it was."""
         before = self.step_state.copy()
+        try:   # what a construction or a load left, before the closure's forward: its own undo
+            self._settle_pending()
+        except BaseException:
+            self.step_state = before
+            raise
+        before = self.step_state.copy()
         try:
-            self._settle_pending()   # before the closure's forward moves anything
             loss, rng_before = None, None
             if closure is not None:
                 if self.ladder.rerun is not None and self.probe is not None:

@@ -170,7 +170,9 @@ class BackOff:
     steps in a row it looks at the probe's reference ``yhat``: lower than when the scale
     last changed, training makes progress at this scale and it grows back by ``1 / factor``
     (up to 1); higher, the reduced step still does damage slowly (a run past its edge of
-    stability) and it backs off once more. Without a probe it grows back. The scale is the guard's own
+    stability) and it backs off once more. Without a probe it grows back. A growth that had
+    to be backed off again doubles the interval before the next try (up to 1000 steps): a
+    cause that persists is not probed every 10 steps. The scale is the guard's own
     multiplier around ``inner.step()`` (the groups' ``lr`` that schedulers write is never
     changed), reported as ``StepEvent.lr_scale`` and counted in ``stats["backoffs"]``.
     """
@@ -187,6 +189,7 @@ class BackOff:
         self.min_scale = min_scale
         self.scale, self.healthy = 1.0, 0
         self.reference: float | None = None   # yhat when the scale last changed
+        self.interval, self.grown = growth_interval, False   # the next try's wait; last: growth
 
     def on_rejection(self, in_row: int, yhat: float | None) -> bool:
         """The ``in_row``-th rejection in a row; ``True`` if the scale backed off."""
@@ -200,22 +203,26 @@ class BackOff:
         if self.scale >= 1.0:
             return False
         self.healthy += 1
-        if self.healthy < self.growth_interval:
+        if self.healthy < self.interval:
             return False
         self.healthy = 0
         if yhat is not None and self.reference is not None and yhat > self.reference:
             return self._back_off(yhat)
         self.scale, self.reference = min(1.0, self.scale / self.factor), yhat
+        self.grown = True
         return False
 
     def _back_off(self, yhat: float | None) -> bool:
+        if self.grown:   # the last growth did not hold: wait longer before the next try
+            self.interval, self.grown = min(2 * self.interval, 1000), False
         if self.scale <= self.min_scale:
             return False
         self.scale, self.reference = max(self.scale * self.factor, self.min_scale), yhat
         return True
 
     def state_dict(self) -> dict[str, Any]:
-        return {"scale": self.scale, "healthy": self.healthy, "reference": self.reference}
+        return {"scale": self.scale, "healthy": self.healthy, "reference": self.reference,
+                "interval": self.interval, "grown": self.grown}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         scale, healthy = float(state["scale"]), int(state["healthy"])
@@ -225,6 +232,8 @@ class BackOff:
             raise ValueError(f"backoff state {state} is out of range.")
         self.scale, self.healthy = scale, healthy
         self.reference = None if reference is None else float(reference)
+        self.interval = max(1, int(state.get("interval", self.growth_interval)))
+        self.grown = bool(state.get("grown", False))
 
     def __repr__(self) -> str:
         return (f"BackOff(factor={self.factor}, after={self.after}, "
@@ -268,7 +277,7 @@ class Budget:
         guard._restore()
         if self.on_exhausted != "rebaseline" and y is not None:
             st.stats["stops"] += 1   # the probe kept rejecting: stop, accept nothing
-            st.stopped = True
+            st.stopped = self.on_exhausted == "hold"   # "raise": the script catches and decides
             return Action.STOP
         self._rebaseline(guard, y)
         st.stats["rebaselines"] += 1

@@ -49,7 +49,8 @@ class StepState:
     last_event: Any = None          #: the last StepEvent (not saved)
     live_is_safe: bool = True       #: the live state equals the verified snapshot
     restores: int = 0               #: restores of the verified snapshot (a failed call's undo)
-    stopped: bool = False           #: the healing budget is spent: later steps are skipped
+    #: the healing budget is spent: later steps are skipped (saved: a resumed run stays held)
+    stopped: bool = field(default=False, metadata=_saved("flag", required=False))
 
     @classmethod
     def fresh(cls, stat_names: Iterable[str]) -> "StepState":
@@ -83,6 +84,10 @@ def from_saved(saved: dict[str, Any], stats: dict[str, int], key: str) -> StepSt
 def _check(kind: str, name: str, value: Any, stats: dict[str, int]) -> Any:
     if kind == "count":
         return validation.integer(name, value, low=0)
+    if kind == "flag":
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}.")
+        return value
     if kind == "real":
         return None if value is None else validation.real(name, value)
     if kind == "decision":

@@ -225,3 +225,25 @@ def test_an_adopted_bare_checkpoint_keeps_the_runs_step_count():
     assert [e.step for e in events] == [25, 26]
     wrapped = GuardedOptimizer(bare)                       # wrapping a bare optimizer mid-run
     assert wrapped.step_state.t == 25
+
+
+def test_a_step_that_raises_after_the_reference_was_retaken_keeps_it():
+    """Weights written after construction make the first step measure the reference again;
+    if that step's closure then raises, the new reference stays (it is its own transaction),
+    and the next step is not judged against the stale one."""
+    m = mlp(0)
+    xv, yv = stream(50, 1)[0]
+    opt = GuardedOptimizer(torch.optim.AdamW(m.parameters(), lr=1e-3),
+                           probe=lambda: F.mse_loss(m(xv), yv))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(10.0)                                  # "a checkpoint loaded after construction"
+    retaken = float(F.mse_loss(m(xv), yv))
+
+    def boom():
+        raise RuntimeError("data loader failed")
+
+    with pytest.raises(RuntimeError, match="data loader"):
+        opt.step(boom)
+    assert opt.yhat == pytest.approx(retaken)
+    assert train(m, opt, stream(0, 5)) == ["accept"] * 5

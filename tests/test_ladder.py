@@ -235,3 +235,32 @@ def test_ladder_arguments_are_checked():
     m = tiny.model(0)
     with pytest.raises(TypeError, match="Ladder"):
         GuardedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), ladder=Ladder)
+
+
+def test_a_caught_guard_stopped_does_not_hold_the_guard():
+    """``on_exhausted="raise"``: the script caught the error and decides; the guard proposes
+    again (only the default "hold" sets ``opt.stopped``)."""
+    m, opt, batches = _guard(max_consecutive_rejections=3, ladder=Ladder(on_exhausted="raise"))
+    for x, y in batches[:4]:
+        opt.step(_closure(opt, m, x, y)[0])
+    with pytest.raises(GuardStopped):
+        for x, y in batches[4:10]:
+            opt.step(_closure(opt, m, x, y * 1e3)[0])
+    assert not opt.stopped
+    opt.step(_closure(opt, m, *batches[10])[0])
+    assert opt.last_decision == "accept"
+
+
+def test_a_held_guard_stays_held_across_a_checkpoint():
+    m, opt, batches = _guard(max_consecutive_rejections=3)
+    for x, y in batches[:4]:
+        opt.step(_closure(opt, m, x, y)[0])
+    for x, y in batches[4:7]:
+        opt.step(_closure(opt, m, x, y * 1e3)[0])
+    assert opt.stopped
+    m2, opt2, _ = _guard(max_consecutive_rejections=3)
+    m2.load_state_dict(m.state_dict())
+    opt2.load_state_dict(opt.state_dict())
+    assert opt2.stopped
+    opt2.step(_closure(opt2, m2, *batches[8])[0])
+    assert opt2.last_decision == "skip" and opt2.last_event.reason == "stopped"
