@@ -565,9 +565,7 @@ class GuardedOptimizer(Optimizer):
         rec.undone = max(rec.undone, st.unverified)   # a re-run may have restored already
         done = [self.ladder.budget.on_rejection(self, rec.y)]
         st.in_row += 1
-        if self.ladder.backoff is not None and self.ladder.backoff.on_rejection(st.in_row, st.yhat):
-            st.stats["backoffs"] += 1   # the healing rung: later proposals at a lower LR
-            done.append(Action.BACKOFF)
+        done += self.ladder.heal(self, rec.reasons)   # the healing rungs change what comes next
         for a in self.recovery:
             done.append(a.on_rollback(self, st.in_row))
             if done[-1] is not None:

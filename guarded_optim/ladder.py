@@ -63,9 +63,10 @@ from . import rng
 from .outcome import Action, RerunOutcome
 from .policy import ResetMoments
 from .signals.probe import ProbeError
+from .signals.weights import NonFiniteWeights
 
 __all__ = ["GuardStopped", "ReRun", "Overrule", "Quarantine", "QuarantineSampler", "ReachBack",
-           "BackOff", "Budget", "ResetMoments", "Ladder"]
+           "BackOff", "RaiseEps", "Budget", "ResetMoments", "Ladder"]
 
 _EXHAUSTED = ("hold", "raise", "rebaseline")
 
@@ -240,6 +241,38 @@ class BackOff:
                 f"growth_interval={self.growth_interval}, min_scale={self.min_scale})")
 
 
+class RaiseEps:
+    """The healing rung for float16 parameters: Adam's ``eps`` (1e-8) is 0 in float16, so
+    where a second moment underflows every update is ``m / 0``, non-finite whatever the LR.
+    After ``after`` rejections in a row that found non-finite weights, every param group
+    that holds float16 parameters and an ``eps`` float16 cannot hold gets ``eps`` (default
+    1e-4, the usual float16 choice); counted in ``stats["eps_raised"]``. It writes the
+    group's ``eps`` (schedulers do not), so it stays in the optimizer's ``state_dict``."""
+
+    name = "raise_eps"
+
+    def __init__(self, after: int = 2, eps: float = 1e-4):
+        if after < 1 or not (math.isfinite(eps) and eps >= torch.finfo(torch.float16).tiny):
+            raise ValueError(f"Invalid after={after!r} / eps={eps!r}; need after >= 1 and an eps "
+                             f"float16 holds (>= {torch.finfo(torch.float16).tiny:.3g}).")
+        self.after, self.eps = after, eps
+
+    def on_rejection(self, guard, reasons: list[str], in_row: int) -> bool:
+        """``True`` if some group's ``eps`` was raised."""
+        if in_row < self.after or NonFiniteWeights.name not in reasons:
+            return False
+        tiny, raised = torch.finfo(torch.float16).tiny, False
+        for g in guard.param_groups:
+            eps = g.get("eps")
+            if isinstance(eps, float) and eps < tiny and any(p.dtype == torch.float16
+                                                             for p in g["params"]):
+                g["eps"], raised = self.eps, True
+        return raised
+
+    def __repr__(self) -> str:
+        return f"RaiseEps(after={self.after}, eps={self.eps})"
+
+
 class Budget:
     """Rungs 3, 5 and 6: roll back; after ``limit`` rejections in a row reach back to an
     older verified snapshot (if the history keeps one), else stop: ``on_exhausted="hold"``
@@ -385,6 +418,7 @@ class Ladder:
         on_exhausted: ``"hold"`` (default: keep the verified state, skip later steps,
             ``opt.stopped``), ``"raise"`` (:class:`GuardStopped`) or ``"rebaseline"``.
         backoff: the healing rung, a :class:`BackOff` (default), or ``None``.
+        raise_eps: the float16 healing rung, a :class:`RaiseEps` (default), or ``None``.
         overrule: skips in a row after which a probe decides the next flagged step
             (opt-in, e.g. 3; default ``None``: never, the signal skips until its own
             patience re-bases). Off by default: on the digits CNN the probe accepted the
@@ -399,7 +433,7 @@ class Ladder:
 
     def __init__(self, rerun: ReRun | None = ReRun(), quarantine: Quarantine | None = None,
                  on_exhausted: str = "hold", overrule: int | None = None,
-                 backoff: BackOff | None = BackOff()):
+                 backoff: BackOff | None = BackOff(), raise_eps: RaiseEps | None = RaiseEps()):
         self.overrule = Overrule(overrule) if overrule is not None else None
         if rerun is not None and not isinstance(rerun, ReRun):
             raise TypeError(f"rerun must be a ReRun() or None, got {rerun!r}.")
@@ -410,6 +444,23 @@ class Ladder:
         if backoff is not None and not isinstance(backoff, BackOff):
             raise TypeError(f"backoff must be a BackOff() or None, got {backoff!r}.")
         self.backoff = copy.deepcopy(backoff)   # the default instance is shared: own a copy
+        if raise_eps is not None and not isinstance(raise_eps, RaiseEps):
+            raise TypeError(f"raise_eps must be a RaiseEps() or None, got {raise_eps!r}.")
+        self.raise_eps = raise_eps
+
+    def heal(self, guard, reasons: list[str]) -> list[Action]:
+        """The healing rungs after a rollback: what they changed in what is proposed next.
+        They count rejections in a row from the same verified state (without a probe the
+        provisional accepts between two verifications do not end the row)."""
+        st, done = guard.step_state, []
+        in_row = max(st.in_row, st.consecutive)
+        if self.backoff is not None and self.backoff.on_rejection(in_row, st.yhat):
+            st.stats["backoffs"] += 1   # later proposals at a lower LR
+            done.append(Action.BACKOFF)
+        if self.raise_eps is not None and self.raise_eps.on_rejection(guard, reasons, in_row):
+            st.stats["eps_raised"] += 1
+            done.append(Action.RAISE_EPS)
+        return done
 
     def lr_scale(self) -> float:
         """The healing rung's LR multiplier (1.0 without one)."""

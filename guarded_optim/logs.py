@@ -105,6 +105,10 @@ def log_step(guard, rec) -> None:
             "now proposes at %.3g x the LR the schedule sets (the schedule's own lr is left "
             "alone), and grows that back after healthy steps; each back-off is counted in "
             "opt.stats['backoffs']", e.step, e.lr_scale)
+    if Action.RAISE_EPS in rec.actions:
+        log("raise_eps", logging.WARNING, "step %d: every update of the float16 parameters was "
+            "non-finite (Adam's eps is 0 in float16): the guard heals by raising eps to %g in "
+            "their param groups (opt.param_groups[i]['eps'])", e.step, guard.ladder.raise_eps.eps)
     for action, what in _ESCALATIONS.items():
         if action in rec.actions:
             log(action.value, logging.WARNING, "step %d: %d rejections in a row, %s (%s); "

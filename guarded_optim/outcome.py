@@ -54,6 +54,7 @@ class Action(str, enum.Enum):
     REBASELINE = "rebaseline"               #: rung 6 (opt-in): the references re-based
     STOP = "stop"                           #: rung 6: the budget is spent, GuardStopped
     BACKOFF = "backoff"                     #: the healing rung lowered the LR scale
+    RAISE_EPS = "raise_eps"                 #: the float16 healing rung raised Adam's eps
     ESCAPE = "escape"                       #: the Escape recovery action perturbed the weights
 
     def __str__(self) -> str:

@@ -106,7 +106,8 @@ def stat_names(signals: list) -> list[str]:
     return ["steps", "accepted", "rollbacks", "skipped", "measured", "escalations",
             "rebaselines", "escapes", "skipped_amp_overflow", "reruns", "transient",
             "persistent", "quarantined", "skipped_quarantined", "stops", "overruled",
-            "batch_loss_spikes", "checkpoint_mismatches", "backoffs", "skipped_stopped",
+            "batch_loss_spikes", "checkpoint_mismatches", "backoffs", "eps_raised",
+            "skipped_stopped",
             *(f"skipped_{s.name}" for s in signals if s.verdict is Verdict.SKIP),
             *(f"failures_{s.name}" for s in signals if s.verdict is Verdict.FAILURE)]
 
