@@ -20,7 +20,7 @@ import torch
 from . import rng, validation
 from .distributed import check_world_size, resolve_group, world_size
 from .snapshot import SnapshotRing
-from .record import live_measurement
+from .record import fired_names, live_measurement
 from .snapshot.layout import _local
 from .state import Loaded, from_saved
 
@@ -75,7 +75,7 @@ def settle_verification(opt) -> None:
     the next step's start would, and on a healthy verdict verify it (the checkpoint then
     records the live state as the verified one instead of a second copy). Rank-local only
     (a collective here would hang the common ``if rank == 0: save(opt.state_dict())``)."""
-    st, post = opt.step_state, [s for s in opt.signals if s.phase == "after"]
+    st, post = opt.step_state, opt._post
     if (not opt._cadence.live or not st.unverified or opt._on_meta()
             or world_size(resolve_group(opt.process_group)) > 1 or not post):
         return
@@ -106,9 +106,7 @@ def settle_loaded(opt, loaded: Loaded) -> None:
 
 
 def _check_loaded(opt, loaded: Loaded, differs: list[int]) -> None:
-    post = [s for s in opt.signals if s.phase == "after"]
-    fired = opt._check_live()
-    damaged = [s.name for s, f in zip(post, fired) if f]
+    damaged = fired_names(opt._post, opt._check_live())
     if damaged and (loaded.live or not opt.safe_snapshot.captured):
         raise ValueError(mismatch_message(opt, differs, damaged))
     opt.step_state.stats["checkpoint_mismatches"] += 1
