@@ -531,6 +531,8 @@ class GuardedOptimizer(Optimizer):
         self.threshold.update(rec.nu)
         st.consecutive = 0
         self._verify(rec.t + 1)
+        if self.ladder.rewind is not None and self.ladder.rewind.after_accept(self, rec):
+            return self._reject(rec, ["drift"])   # slow damage: back to before its onset
         return self._accept(rec)
 
     def _accept(self, rec: StepRecord) -> StepRecord:
@@ -557,7 +559,7 @@ class GuardedOptimizer(Optimizer):
         st = self.step_state
         st.stats["rollbacks"] += 1
         for name in reasons:
-            if name != "probe":
+            if name not in ("probe", "drift"):
                 st.stats[f"failures_{name}"] += 1
         rec.reasons = list(reasons)
         for a in self.recovery:   # e.g. an importance blend reads the rejected values

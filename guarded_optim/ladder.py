@@ -38,6 +38,9 @@ Rungs, in order (each an event, a ``stats`` counter and a log record):
 5. **reach back** to an older verified state when ``history`` keeps one
    (``stats["escalations"]``); opt-in recovery actions act here too (``ReduceLR``,
    :class:`ResetMoments`).
+**rewind** (:class:`~guarded_optim.drift.Rewind`, with a probe) -- a slow rise of accepted
+   probe measurements that no single step showed: back to a verified state from before its
+   onset, its batches quarantined, the loop told to skip ahead (:mod:`.drift`).
 6. **stop** -- after ``max_consecutive_rejections`` *probe* rejections in a row with nowhere
    older to go, ``step()`` raises :class:`GuardStopped` (the state is the last verified one;
    the message says what happened and how to resume), unless the ladder was built with
@@ -60,13 +63,14 @@ from typing import Any, Callable, Hashable, Iterator
 import torch
 
 from . import rng
+from .drift import Rewind
 from .outcome import Action, RerunOutcome
 from .policy import ResetMoments
 from .signals.probe import ProbeError
 from .signals.weights import NonFiniteWeights
 
 __all__ = ["GuardStopped", "ReRun", "Overrule", "Quarantine", "QuarantineSampler", "ReachBack",
-           "BackOff", "RaiseEps", "Budget", "ResetMoments", "Ladder"]
+           "BackOff", "RaiseEps", "Budget", "ResetMoments", "Rewind", "Ladder"]
 
 _EXHAUSTED = ("hold", "raise", "rebaseline")
 
@@ -419,6 +423,9 @@ class Ladder:
             ``opt.stopped``), ``"raise"`` (:class:`GuardStopped`) or ``"rebaseline"``.
         backoff: the healing rung, a :class:`BackOff` (default), or ``None``.
         raise_eps: the float16 healing rung, a :class:`RaiseEps` (default), or ``None``.
+        rewind: the slow-damage rung, a :class:`~guarded_optim.drift.Rewind` (default,
+            with a probe: a drift alarm goes back to a verified state from before the
+            rise's onset, quarantines and skips ahead), or ``None``.
         overrule: skips in a row after which a probe decides the next flagged step
             (opt-in, e.g. 3; default ``None``: never, the signal skips until its own
             patience re-bases). Off by default: on the digits CNN the probe accepted the
@@ -433,7 +440,8 @@ class Ladder:
 
     def __init__(self, rerun: ReRun | None = ReRun(), quarantine: Quarantine | None = None,
                  on_exhausted: str = "hold", overrule: int | None = None,
-                 backoff: BackOff | None = BackOff(), raise_eps: RaiseEps | None = RaiseEps()):
+                 backoff: BackOff | None = BackOff(), raise_eps: RaiseEps | None = RaiseEps(),
+                 rewind: Rewind | None = Rewind()):
         self.overrule = Overrule(overrule) if overrule is not None else None
         if rerun is not None and not isinstance(rerun, ReRun):
             raise TypeError(f"rerun must be a ReRun() or None, got {rerun!r}.")
@@ -447,6 +455,9 @@ class Ladder:
         if raise_eps is not None and not isinstance(raise_eps, RaiseEps):
             raise TypeError(f"raise_eps must be a RaiseEps() or None, got {raise_eps!r}.")
         self.raise_eps = raise_eps
+        if rewind is not None and not isinstance(rewind, Rewind):
+            raise TypeError(f"rewind must be a Rewind() or None, got {rewind!r}.")
+        self.rewind = copy.deepcopy(rewind)
 
     def heal(self, guard, reasons: list[str]) -> list[Action]:
         """The healing rungs after a rollback: what they changed in what is proposed next.
@@ -481,6 +492,8 @@ class Ladder:
         sd: dict[str, Any] = {"quarantine": self.quarantine.state_dict()}
         if self.backoff is not None:
             sd["backoff"] = self.backoff.state_dict()
+        if self.rewind is not None:
+            sd["rewind"] = self.rewind.state_dict()
         return sd
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -488,8 +501,11 @@ class Ladder:
         if self.backoff is not None:   # absent before the healing rung: start at 1
             self.backoff.load_state_dict(state.get("backoff", {"scale": 1.0, "healthy": 0,
                                                                "reference": None}))
+        if self.rewind is not None and "rewind" in state:   # absent before the drift rung
+            self.rewind.load_state_dict(state["rewind"])
 
     def __repr__(self) -> str:
         return (f"Ladder(rerun={self.rerun!r}, quarantine={self.quarantine!r}, "
                 f"on_exhausted={self.on_exhausted!r}, overrule={self.overrule!r}, "
-                f"backoff={self.backoff!r}, budget={self.budget!r}, reach_back={self.reach_back!r})")
+                f"backoff={self.backoff!r}, rewind={self.rewind!r}, budget={self.budget!r}, "
+                f"reach_back={self.reach_back!r})")

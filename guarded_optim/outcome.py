@@ -56,6 +56,7 @@ class Action(str, enum.Enum):
     BACKOFF = "backoff"                     #: the healing rung lowered the LR scale
     RAISE_EPS = "raise_eps"                 #: the float16 healing rung raised Adam's eps
     ESCAPE = "escape"                       #: the Escape recovery action perturbed the weights
+    REWIND = "rewind"                       #: a drift alarm: back to a state before its onset
 
     def __str__(self) -> str:
         return self.value

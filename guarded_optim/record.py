@@ -99,6 +99,7 @@ class StepRecord:
     after: StepMeasurement | None = None   # the measurement of the proposal
     post_fired: list[bool] = field(default_factory=list)
     undone: int = 0                  # applied, unverified steps a rollback undid
+    drift: Any = None                # a :class:`~guarded_optim.drift.DriftAlarm` seen this step
 
     @property
     def t(self) -> int:

@@ -107,7 +107,7 @@ def stat_names(signals: list) -> list[str]:
             "rebaselines", "escapes", "skipped_amp_overflow", "reruns", "transient",
             "persistent", "quarantined", "skipped_quarantined", "stops", "overruled",
             "batch_loss_spikes", "checkpoint_mismatches", "backoffs", "eps_raised",
-            "skipped_stopped",
+            "skipped_stopped", "rewinds", "drift_rebased", "drift_unrewound",
             *(f"skipped_{s.name}" for s in signals if s.verdict is Verdict.SKIP),
             *(f"failures_{s.name}" for s in signals if s.verdict is Verdict.FAILURE)]
 

@@ -511,6 +511,8 @@ def test_clean_workload_is_never_skipped_or_rolled_back(name, probe):
         decisions = run(w, opt)
         assert decisions == ["accept"] * w.steps, (seed, [
             (t, d) for t, d in enumerate(decisions) if d != "accept"][:5], opt.stats)
+        # no drift alarm either (a rewind is a rollback; these would be accepted alarms)
+        assert opt.stats["drift_rebased"] == opt.stats["drift_unrewound"] == 0, opt.stats
 
 
 #: workloads and a fault start where every signature has warmed up (fine-tuning's new

@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 import test_policy
 import tiny
-from guarded_optim import GuardedOptimizer, RelativeThreshold
+from guarded_optim import GuardedOptimizer, Ladder, RelativeThreshold
 from guarded_optim.conformal import (ConformalForecast, ConformalStateSets, ConformalThreshold,
                                      aps_score, conformal_quantile, conformal_rank,
                                      min_calibration, severity_probs, trend_forecast)
@@ -278,7 +278,8 @@ def forecast_guard(probe_values, recovery):
     it = iter(probe_values)
     opt = GuardedOptimizer(torch.optim.SGD(m.parameters(), lr=0.01), lambda: next(it), module=m,
                            recovery=recovery, history=5, checkpoint_every=10_000,
-                           threshold=RelativeThreshold())   # lets the climb in: the forecast acts
+                           threshold=RelativeThreshold(),   # lets the climb in: the forecast acts
+                           ladder=Ladder(rewind=None))   # alone (the drift rung would rewind it)
     return m, opt, batches
 
 

@@ -6,7 +6,9 @@ with a probe every step) :func:`run` measures, nothing typed in:
 
 * **held beyond bare**, per parameter: the guard's own tensors -- the safe snapshot
   (``guard.safe_snapshot.nbytes()``), the older snapshots of ``history`` (``guard.snapshot_history``) and the
-  tensors in the signals' state -- counted by walking them; and the same growth read from
+  tensors in the signals' state -- counted by walking them (and apart, ``rewind_host_B_per_param``:
+  the slow-damage rung's older verified states, in host memory, :class:`~guarded_optim.drift.Rewind`);
+  and the same growth read from
   the process's resident memory (``VmRSS`` before and after wrapping a trained bare AdamW
   in the guard and stepping it), with the peak RSS of the bare and the guarded phase;
 * **pinned** host memory per parameter (``pinned_B_per_param``, ``pinned_ratio``): what the
@@ -137,7 +139,9 @@ def _tensors(obj: Any) -> Iterable[torch.Tensor]:
 
 def held_bytes(guard: GuardedOptimizer) -> dict[str, int]:
     """Bytes of the tensors the guard holds beyond the bare optimizer: the safe snapshot, the
-    older snapshots of ``history`` and the tensors in the signals' state (each counted once)."""
+    older snapshots of ``history``, the tensors in the signals' state (each counted once),
+    and, apart (``"rewind"``: always host memory), the slow-damage rung's history
+    (:class:`~guarded_optim.drift.Rewind`, kept with a probe)."""
     seen: set[int] = set()
     signals = 0
     for s in guard.signals:
@@ -145,8 +149,10 @@ def held_bytes(guard: GuardedOptimizer) -> dict[str, int]:
             if id(t) not in seen:
                 seen.add(id(t))
                 signals += t.numel() * t.element_size()
+    rewind = guard.ladder.rewind
     return {"snapshot": guard.safe_snapshot.nbytes(), "ring": sum(s.nbytes() for s in guard.snapshot_history),
-            "signals": signals}
+            "signals": signals,
+            "rewind": sum(s.nbytes() for s in (rewind.ring or ())) if rewind is not None else 0}
 
 
 def pinned_reserved(nbytes: int) -> int:
@@ -276,13 +282,14 @@ def _memory(factory: Callable[[int], Task], wrap: Callable, steps: int, seed: in
     pinned = pinned_bytes(guard)
     ckpt_guard = checkpoint_bytes(guard)
     ckpt_bare = checkpoint_bytes(inner)   # the same AdamW's own state_dict, same step
-    total = sum(held.values())
+    total = held["snapshot"] + held["ring"] + held["signals"]   # the rewind history apart
     rss = math.nan if rss_bare is None or rss_guard is None else (rss_guard - rss_bare) / params
     row = {
         "params": params,
         "held_B_per_param": total / params,
         "snapshot_B_per_param": held["snapshot"] / params,
         "ring_B_per_param": held["ring"] / params,
+        "rewind_host_B_per_param": held["rewind"] / params,
         "signals_bytes": held["signals"],
         "rss_B_per_param": rss,
         "peak_rss_bare_MiB": _mib(peak_bare),
@@ -417,6 +424,7 @@ def _flat(row: dict) -> dict:
 TABLE_COLUMNS = {
     "params": "params",
     "held_B_per_param": "held B/p",
+    "rewind_host_B_per_param": "rewind host B/p",
     "rss_B_per_param": "RSS B/p",
     "peak_rss_guard_MiB": "peak MiB",
     "pinned_B_per_param": "pinned B/p",

@@ -1,0 +1,224 @@
+"""Slow damage (issue 23): a sustained rise that no single step shows is seen, rewound to
+before its onset, its batches quarantined and skipped; clean runs never alarm."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, strategies as st
+from torch import nn
+
+from guarded_optim import GuardedOptimizer, Ladder
+from guarded_optim.drift import DriftDetector, Rewind, cusum
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# -- the detector, pure -------------------------------------------------------------------------
+def test_cusum_is_pages_recursion():
+    assert cusum(0.0, 3.0, 4.0) == 0.0
+    assert cusum(1.0, 6.0, 4.0) == 3.0
+    assert cusum(3.0, -10.0, 4.0) == 0.0
+
+
+def feed(det: DriftDetector, innovations, y0=1.0, start=0, yhat=1.0, alpha=0.1):
+    """Feed accepted innovations as the guard does (``yhat`` its EWMA); the first alarm."""
+    for i, nu in enumerate(innovations):
+        y = yhat + nu
+        yhat = yhat + alpha * (y - yhat)
+        alarm = det.observe(start + i, nu, yhat, y0)
+        if alarm is not None:
+            return alarm, yhat
+    return None, yhat
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_noisy_descent_never_alarms(seed):
+    rnd = random.Random(seed)
+    alarm, _ = feed(DriftDetector(), [-0.001 + rnd.gauss(0, 0.01) for _ in range(3000)])
+    assert alarm is None
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_sustained_rise_alarms_soon_and_dates_its_onset(seed):
+    rnd = random.Random(seed)
+    det = DriftDetector()
+    clean = [-0.001 + rnd.gauss(0, 0.01) for _ in range(100)]
+    alarm, yhat = feed(det, clean)
+    assert alarm is None
+    # every step +6 noise scales: far inside a band of 20 scales, but it adds up
+    alarm, _ = feed(det, [0.06 + rnd.gauss(0, 0.01) for _ in range(60)], start=100, yhat=yhat)
+    assert alarm is not None and alarm.step - 100 <= 40, alarm
+    assert 95 <= alarm.onset <= 105 and alarm.rise > 0.05
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_rise_slower_than_the_allowance_is_left_alone(seed):
+    """+2 noise scales a step (a model overfitting late): under ``kappa``, never an alarm."""
+    rnd = random.Random(seed)
+    alarm, _ = feed(DriftDetector(), [-0.001 + rnd.gauss(0, 0.01) for _ in range(100)]
+                    + [0.02 + rnd.gauss(0, 0.01) for _ in range(400)])
+    assert alarm is None
+
+
+@given(st.lists(st.floats(-0.05, 0.0), min_size=40, max_size=300))
+def test_a_probe_that_never_rises_never_alarms(innovations):
+    """Non-positive innovations keep ``yhat`` at its best: the level condition never holds."""
+    assert feed(DriftDetector(), innovations)[0] is None
+
+
+def test_detector_state_round_trips_mid_rise():
+    rnd = random.Random(0)
+    clean = [-0.001 + rnd.gauss(0, 0.01) for _ in range(80)]
+    rise = [0.06 + rnd.gauss(0, 0.01) for _ in range(60)]
+    a, b = DriftDetector(), DriftDetector()
+    _, yhat = feed(a, clean + rise[:5])
+    b.load_state_dict(a.state_dict())
+    assert b.state_dict() == a.state_dict()
+    ra, _ = feed(a, rise[5:], start=85, yhat=yhat)
+    rb, _ = feed(b, rise[5:], start=85, yhat=yhat)
+    assert ra == rb and ra is not None
+
+
+def test_bad_detector_state_names_the_problem_and_changes_nothing():
+    det = DriftDetector()
+    feed(det, [-0.01] * 40)
+    before = det.state_dict()
+    with pytest.raises(ValueError, match="drift state"):
+        det.load_state_dict({**before, "score": -1.0})
+    with pytest.raises(ValueError, match="drift state"):
+        det.load_state_dict({**before, "values": [math.nan]})
+    assert det.state_dict() == before
+
+
+@pytest.mark.parametrize("kw", [{"kappa": 0}, {"h": -1}, {"rho": math.nan}, {"warmup": 1},
+                                {"window": 8, "warmup": 16}])
+def test_bad_detector_settings_are_refused(kw):
+    with pytest.raises(ValueError, match="Invalid kappa"):
+        DriftDetector(**kw)
+
+
+@pytest.mark.parametrize("kw", [{"keep": 0}, {"every": 0}, {"margin": -1}, {"patience": 0},
+                                {"skip": 0}])
+def test_bad_rewind_settings_are_refused(kw):
+    with pytest.raises(ValueError, match="Invalid keep"):
+        Rewind(**kw)
+
+
+# -- a practitioner's loop ---------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def digits():
+    from sklearn.datasets import load_digits
+    bunch = load_digits()
+    x = torch.as_tensor(bunch.data, dtype=torch.float32) / 16.0
+    return x, torch.as_tensor(bunch.target, dtype=torch.int64)
+
+
+BAD = range(120, 180)   # a shard whose labels are all wrong
+
+
+def loader(seed: int, steps: int = 300, batch: int = 32):
+    """A DataLoader over a fixed stream of batches; the ``BAD`` ones have permuted labels."""
+    x, y = digits()
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(x), generator=g)
+    xp, yp, xt, yt = x[order[:256]], y[order[:256]], x[order[256:]], y[order[256:]]
+    idx = torch.randint(len(xt), (steps * 2, batch), generator=g)
+    perm = (torch.arange(10) + 3) % 10
+    xs = xt[idx]
+    ys = torch.stack([perm[yt[i]] if b in BAD else yt[i] for b, i in enumerate(idx)])
+    data = torch.utils.data.TensorDataset(xs, ys)
+    return torch.utils.data.DataLoader(data, batch_size=None), (xp, yp)
+
+
+def train(seed: int, guarded: bool, steps: int = 300):
+    """The ordinary loop, plus the two lines that honour a rewind's skip-ahead."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 10))
+    data, (xp, yp) = loader(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    if guarded:
+        opt = GuardedOptimizer(opt, lambda: F.cross_entropy(model(xp), yp), module=model)
+    skip, step, events = 0, 0, []
+    for i, (x, y) in enumerate(data):
+        if skip:          # the guard asked to skip ahead past a bad stretch
+            skip -= 1
+            continue
+        if step == steps:
+            break
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step(batch_id=i) if guarded else opt.step()
+        step += 1
+        if guarded:
+            events.append(opt.last_event)
+            skip = opt.last_event.skip_batches
+    with torch.no_grad():
+        return F.cross_entropy(model(xp), yp).item(), opt, events
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_mislabelled_shard_is_rewound_quarantined_and_skipped(seed, caplog):
+    bare, _, _ = train(seed, False)
+    with caplog.at_level(logging.WARNING, logger="guarded_optim"):
+        guarded, opt, events = train(seed, True)
+    rewinds = [e for e in events if e.action and "rewind" in e.action]
+    assert opt.stats["rewinds"] == len(rewinds) >= 1
+    assert all(e.decision == "rollback" and e.reason == "drift" and e.skip_batches > 0
+               for e in rewinds)
+    first = rewinds[0]
+    assert 120 < first.step < 150 and first.batch_id in BAD
+    assert len(opt.ladder.quarantine) > 0
+    assert all(b in BAD or b >= BAD.start - 10 for b in opt.ladder.quarantine.state_dict()["ids"])
+    assert any("slow damage" in r.getMessage() and "rewound" in r.getMessage()
+               for r in caplog.records)
+    assert guarded < 0.8 * bare, (guarded, bare)
+
+
+def test_no_snapshot_old_enough_says_so_and_carries_on(caplog):
+    """A history that is pushed too rarely has nowhere to go: a WARNING, a counter, no rollback."""
+    rewind = Rewind(every=10_000)
+    torch.manual_seed(0)
+    with caplog.at_level(logging.WARNING, logger="guarded_optim"):
+        _, opt, events = train_with(0, Ladder(rewind=rewind))
+    assert opt.stats["rewinds"] == 0 and opt.stats["drift_unrewound"] >= 1
+    assert not any(e.reason == "drift" for e in events)
+    assert any("no verified state from before it is kept" in r.getMessage() for r in caplog.records)
+
+
+def train_with(seed, ladder):
+    original = GuardedOptimizer.__init__
+
+    def init(self, *a, **kw):
+        original(self, *a, ladder=ladder, **kw)
+    GuardedOptimizer.__init__ = init
+    try:
+        return train(seed, True)
+    finally:
+        GuardedOptimizer.__init__ = original
+
+
+def test_state_dict_carries_the_detector_and_an_older_one_loads():
+    _, opt, _ = train(0, True, steps=60)
+    sd = opt.state_dict()
+    assert "rewind" in sd["guard"]["ladder"]
+    det = sd["guard"]["ladder"]["rewind"]["detector"]
+    assert len(det["values"]) > 0
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 10))
+    x, y = digits()
+    fresh = GuardedOptimizer(torch.optim.AdamW(model.parameters(), lr=3e-3),
+                             lambda: F.cross_entropy(model(x[:64]), y[:64]), module=model)
+    fresh.load_state_dict(sd)
+    assert fresh.ladder.rewind.detector.state_dict() == opt.ladder.rewind.detector.state_dict()
+    older = {**sd, "guard": {**sd["guard"], "ladder": {
+        k: v for k, v in sd["guard"]["ladder"].items() if k != "rewind"}}}
+    GuardedOptimizer(torch.optim.AdamW(model.parameters(), lr=3e-3),
+                     lambda: F.cross_entropy(model(x[:64]), y[:64]), module=model).load_state_dict(older)
