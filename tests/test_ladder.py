@@ -11,7 +11,7 @@ from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, Tensor
 
 import tiny
 from guarded_optim import GuardedOptimizer, NonFinite
-from guarded_optim.ladder import (GuardStopped, Ladder, QuarantineSampler, ResetMoments)
+from guarded_optim.ladder import (BackOff, GuardStopped, Ladder, QuarantineSampler, ResetMoments)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -264,3 +264,42 @@ def test_a_held_guard_stays_held_across_a_checkpoint():
     assert opt2.stopped
     opt2.step(_closure(opt2, m2, *batches[8])[0])
     assert opt2.last_decision == "skip" and opt2.last_event.reason == "stopped"
+
+
+def _backed_off(yhat: float = 1.0) -> BackOff:
+    b = BackOff(growth_interval=3)
+    assert not b.on_rejection(1, yhat) and b.on_rejection(2, yhat) and b.scale == 0.5
+    return b
+
+
+def test_backoff_a_growth_that_makes_yhat_worse_is_undone_at_once():
+    b = _backed_off(1.0)
+    for yhat in (0.9, 0.8, 0.7):            # progress at 0.5: grows back at the interval's end
+        assert not b.on_healthy(yhat)
+    assert b.scale == 1.0 and b.reference == 0.7
+    b = _backed_off(1.0)
+    b.scale = 0.25                          # (a deeper back-off, so that the growth is below 1)
+    for yhat in (0.9, 0.8, 0.7):
+        b.on_healthy(yhat)
+    assert b.scale == 0.5 and b.grown
+    assert not b.on_healthy(0.69)           # still better than at the growth: kept
+    assert b.on_healthy(0.75)               # worse: undone at the next step, not 3 later
+    assert b.scale == 0.25 and b.reference == 1.0 and not b.grown
+    assert b.interval == 3                  # a cheap try: the interval does not double
+
+
+def test_backoff_a_grown_scale_the_probe_rejects_doubles_the_interval_and_state_round_trips():
+    b = _backed_off(1.0)
+    b.scale = 0.25
+    for yhat in (0.9, 0.8, 0.7):
+        b.on_healthy(yhat)
+    assert b.on_rejection(2, 0.7) and b.scale == 0.25 and b.interval == 6
+    c = BackOff(growth_interval=3)
+    c.load_state_dict(b.state_dict())
+    assert c.state_dict() == b.state_dict()
+    old = {k: v for k, v in b.state_dict().items() if k != "previous"}   # before the trial
+    c.load_state_dict(old)
+    assert c.previous == c.reference == 0.7
+    for bad in ({**old, "previous": float("nan")}, {**old, "scale": 2.0}):
+        with pytest.raises(ValueError):
+            c.load_state_dict(bad)
