@@ -43,6 +43,7 @@ so at WARNING and counts ``stats["drift_rebased"]``) instead of throwing trainin
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -184,7 +185,8 @@ class Rewind:
         snapshot now holds the state from before the onset; the guard rolls back to it."""
         st = guard.step_state
         if self.ring is None:
-            self.ring = SnapshotRing(self.keep, lambda: Snapshot(guard.inner, guard.module, "host"))
+            self.ring = SnapshotRing(self.keep, functools.partial(   # picklable, unlike a lambda
+                Snapshot, guard.inner, guard.module, "host"))
         alarm = self.detector.observe(rec.t, rec.nu, st.yhat, st.y0, rec.batch_id)
         if alarm is None:
             if self.detector.score == 0.0 and (rec.t + 1) % self.every == 0:

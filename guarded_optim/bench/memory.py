@@ -261,6 +261,15 @@ def _train(opt, task: Task, batches) -> None:
         opt.step()
 
 
+def _fill_rewind_history(guard: GuardedOptimizer) -> None:
+    """Fill the slow-damage rung's history to capacity (it pushes one verified state every
+    ``Rewind.every`` steps; this suite's phases are shorter), so its full cost is counted."""
+    rewind = guard.ladder.rewind
+    if rewind is not None and rewind.ring is not None:
+        while len(rewind.ring) < rewind.keep:
+            rewind.ring.push(guard.safe_snapshot)
+
+
 def _memory(factory: Callable[[int], Task], wrap: Callable, steps: int, seed: int = 0) -> dict:
     """Train bare AdamW ``steps`` steps, wrap it in the guard, train ``steps`` more: the
     guard's tensors, the RSS growth and peaks of the two phases, both checkpoints."""
@@ -278,6 +287,7 @@ def _memory(factory: Callable[[int], Task], wrap: Callable, steps: int, seed: in
     _train(guard, task, batches[steps:])
     _settle()
     rss_guard, peak_guard = rss_bytes(), peak_rss_bytes()
+    _fill_rewind_history(guard)
     held = held_bytes(guard)
     pinned = pinned_bytes(guard)
     ckpt_guard = checkpoint_bytes(guard)
