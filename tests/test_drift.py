@@ -3,6 +3,7 @@ before its onset, its batches quarantined and skipped; clean runs never alarm.""
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import math
@@ -222,3 +223,18 @@ def test_state_dict_carries_the_detector_and_an_older_one_loads():
         k: v for k, v in sd["guard"]["ladder"].items() if k != "rewind"}}}
     GuardedOptimizer(torch.optim.AdamW(model.parameters(), lr=3e-3),
                      lambda: F.cross_entropy(model(x[:64]), y[:64]), module=model).load_state_dict(older)
+
+
+def test_a_load_copies_the_ladder_without_the_history_and_bad_state_changes_nothing():
+    _, opt, _ = train(0, True, steps=80)
+    rewind = opt.ladder.rewind
+    assert len(rewind.ring) == rewind.keep      # pushed every 25 measured steps
+    twin = copy.deepcopy(opt.ladder)
+    assert twin.rewind.ring is None and twin.rewind.detector.state_dict() == rewind.detector.state_dict()
+    sd = opt.state_dict()
+    bad = copy.deepcopy(sd)
+    bad["guard"]["ladder"]["rewind"]["repeats"] = -1
+    before = rewind.state_dict()
+    with pytest.raises(ValueError, match=r"\['ladder'\]"):
+        opt.load_state_dict(bad)
+    assert rewind.state_dict() == before and len(rewind.ring) == rewind.keep
