@@ -12,7 +12,7 @@ from .fisher import (EWCPenalty, FisherDiagonal, FisherDrift, ImportanceWeighted
                      ewc_penalty, fisher_effective_rank, fisher_rao_distance, gradient_snr)
 from .guard import GuardedOptimizer
 from .innovation import FixedThreshold, RelativeThreshold, accepts, ewma, innovation
-from .drift import DriftDetector, Rewind
+from .drift import DriftDetector, Rewind, skip_ahead
 from .ladder import (BackOff, GuardStopped, Ladder, Quarantine, QuarantineSampler, RaiseEps, ReRun,
                      ResetMoments)
 from .policy import Decision, Escape, RecoveryAction, ReduceLR, TightenClip, arc_recovery
@@ -35,5 +35,5 @@ __all__ = [
     "CurvatureSpike", "hutchinson_trace", "hessian_lambda_max", "sam_sharpness",
     "LightningSink", "HFTrainerSink", "WandbSink", "MLflowSink",
     "Ladder", "GuardStopped", "ReRun", "Quarantine", "QuarantineSampler", "ResetMoments",
-    "BackOff", "RaiseEps", "Rewind", "DriftDetector",
+    "BackOff", "RaiseEps", "Rewind", "DriftDetector", "skip_ahead",
 ]

@@ -50,16 +50,17 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Hashable
+from typing import Any, Hashable, Iterable, Iterator
 
 from .innovation import noise_band
 from .outcome import Action
 from .snapshot import Snapshot, SnapshotRing
 
-__all__ = ["DriftAlarm", "DriftDetector", "Rewind", "cusum"]
+__all__ = ["DriftAlarm", "DriftDetector", "Rewind", "cusum", "skip_ahead"]
 
 
 def cusum(score: float, z: float, kappa: float) -> float:
@@ -161,7 +162,8 @@ class Rewind:
     the optimizer state and the buffers: 12 B/param for fp32 AdamW, in host memory, never
     on the accelerator; ``bench --suite memory`` prices it). On an alarm it restores the
     newest one captured at least ``margin`` steps before the estimated onset (the CUSUM's
-    onset is late by a few steps), quarantines the batch ids seen since the onset, and
+    onset is late by a few steps), with the reference ``yhat`` and the threshold's state
+    it had (the rise's innovations leave the band's window), quarantines the batch ids seen since the onset, and
     sets ``StepEvent.skip_batches`` to ``skip`` x the number of steps since the onset,
     doubled at each further alarm that goes back to the same state (the bad stretch
     outlasted the skip; PaLM skipped 200-500 batches, a few times the stretch it had seen).
@@ -198,8 +200,7 @@ class Rewind:
         if alarm is None:
             self.since += 1
             if self.detector.score == 0.0 and self.since >= self.every:
-                self.ring.push(guard.safe_snapshot)   # a state no rise had begun in
-                self.repeats = self.since = 0
+                self._push(guard)   # a state no rise had begun in
             return False
         rec.drift = alarm
         older = self.ring.newest_before(alarm.onset - self.margin + 1)
@@ -208,11 +209,27 @@ class Rewind:
         if older is None or self.repeats >= self.patience:
             self._carry_on(guard, alarm, older is None)
             return False
+        self._rewind(guard, rec, alarm, older)
+        return True
+
+    def _push(self, guard) -> None:
+        """Copy the verified state into the history, with the band it was judged by."""
+        self.ring.push(guard.safe_snapshot)
+        list(self.ring)[-1].meta["band"] = copy.deepcopy(guard.threshold.state_dict())
+        self.repeats = self.since = 0
+
+    def _rewind(self, guard, rec, alarm: DriftAlarm, older: Snapshot) -> None:
+        """The safe snapshot, the reference ``yhat`` and the band go back to ``older``; the
+        batches since the onset are quarantined and the loop is told to skip ahead."""
+        st = guard.step_state
         for b in alarm.batches:   # later epochs skip them (QuarantineSampler, batch_id)
             st.stats["quarantined"] += guard.ladder.quarantine.add(b)
         self.ring.drop_from(older.step + 1)
         guard.safe_snapshot.copy_from(older)
+        band = guard.safe_snapshot.meta.pop("band", None)
         st.yhat = older.meta["yhat"]
+        if band is not None:   # the rise's innovations leave the band's window
+            guard.threshold.load_state_dict(copy.deepcopy(band))
         st.stats["rewinds"] += 1
         self.detector.rebase(st.yhat)
         rec.event.skip_batches = max(rec.event.skip_batches,
@@ -223,7 +240,6 @@ class Rewind:
                    "before step %d, %d batch ids quarantined, the loop skips %d batches "
                    "(StepEvent.skip_batches); opt.stats['rewinds'] counts it", rec.t, alarm.rise,
                    alarm.onset, older.step, len(alarm.batches), rec.event.skip_batches)
-        return True
 
     def _carry_on(self, guard, alarm: DriftAlarm, nowhere: bool) -> None:
         """An alarm that does not rewind: no state old enough is kept, or the rise outlasted
@@ -263,3 +279,25 @@ class Rewind:
     def __repr__(self) -> str:
         return (f"Rewind({self.detector!r}, keep={self.keep}, every={self.every}, "
                 f"margin={self.margin}, patience={self.patience})")
+
+
+def skip_ahead(batches: Iterable, guard) -> Iterator[tuple[int, Any]]:
+    """``enumerate(batches)``, dropping the batches a rewind asked to skip (PaLM's recipe):
+    after each ``step()`` whose event carries ``skip_batches = n``, the next ``n`` items are
+    drawn and dropped (no forward, no backward). The index counts every item drawn, skipped
+    ones included, so it is a stable ``batch_id`` for a fixed order. An event is honoured
+    once (and one from before the loop began, never), so gradient accumulation (several
+    batches per ``step()``) is fine::
+
+        for i, (x, y) in skip_ahead(loader, opt):
+            ...
+            opt.step(batch_id=i)
+    """
+    it, honoured, i = iter(batches), guard.last_event, 0   # an earlier loop's event is not ours
+    for item in it:
+        yield i, item
+        i += 1
+        event = guard.last_event
+        if event is not None and event is not honoured:
+            honoured = event
+            i += sum(1 for _ in itertools.islice(it, event.skip_batches))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from hypothesis import given, strategies as st
 from torch import nn
 
-from guarded_optim import GuardedOptimizer, Ladder
+from guarded_optim import GuardedOptimizer, Ladder, StepEvent, skip_ahead
 from guarded_optim.drift import DriftDetector, Rewind, cusum
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -238,3 +238,59 @@ def test_a_load_copies_the_ladder_without_the_history_and_bad_state_changes_noth
     with pytest.raises(ValueError, match=r"\['ladder'\]"):
         opt.load_state_dict(bad)
     assert rewind.state_dict() == before and len(rewind.ring) == rewind.keep
+
+
+def test_a_rewind_takes_the_reference_and_the_band_back_with_the_state():
+    """yhat and the band's window go back to the rewound state's: the rise's innovations
+    leave the window that judges the next proposals."""
+    seen = []
+
+    def check(opt):
+        def on_event(e):
+            if e.action and "rewind" in e.action:
+                entry = next(s for s in opt.ladder.rewind.ring if s.step == opt.safe_snapshot.step)
+                seen.append((opt.threshold.state_dict() == entry.meta["band"],
+                             opt.yhat == entry.meta["yhat"], "band" not in opt.safe_snapshot.meta))
+        return on_event
+    original = GuardedOptimizer.__init__
+
+    def init(self, *a, **kw):
+        original(self, *a, **kw)
+        self.callbacks.append(check(self))
+    GuardedOptimizer.__init__ = init
+    try:
+        train(0, True)
+    finally:
+        GuardedOptimizer.__init__ = original
+    assert seen and all(all(s) for s in seen), seen
+
+
+def test_skip_ahead_drops_what_the_rewind_asked_once_with_stable_indices():
+    class Guard:
+        last_event = StepEvent(0, "rollback", skip_batches=5)   # an earlier loop's: not ours
+    guard, got = Guard(), []
+    for i, item in skip_ahead(range(100, 130), guard):
+        got.append(i)
+        assert item == 100 + i
+        if i == 3:
+            guard.last_event = StepEvent(1, "rollback", skip_batches=4)   # a rewind at i = 3
+        # i = 8, 9: accumulation, no new step(): the same event is not honoured again
+    assert got[:5] == [0, 1, 2, 3, 8] and got[5:] == list(range(9, 30))
+
+
+def test_the_user_loop_with_skip_ahead_matches_the_two_line_loop():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 10))
+    data, (xp, yp) = loader(0)
+    opt = GuardedOptimizer(torch.optim.AdamW(model.parameters(), lr=3e-3),
+                           lambda: F.cross_entropy(model(xp), yp), module=model)
+    for i, (x, y) in skip_ahead(data, opt):
+        if opt.stats["steps"] == 300:
+            break
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step(batch_id=i)
+    with torch.no_grad():
+        mine = F.cross_entropy(model(xp), yp).item()
+    assert mine == train(0, True)[0] and opt.stats["rewinds"] >= 1
