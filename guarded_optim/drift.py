@@ -56,11 +56,17 @@ import math
 from dataclasses import dataclass
 from typing import Any, Hashable, Iterable, Iterator
 
+from . import validation
 from .innovation import noise_band
 from .outcome import Action
 from .snapshot import Snapshot, SnapshotRing
 
-__all__ = ["DriftAlarm", "DriftDetector", "Rewind", "cusum", "skip_ahead"]
+__all__ = ["DriftAlarm", "DriftDetector", "Rewind", "cusum", "go_back", "skip_ahead"]
+
+
+#: the noise scale's floor, a fraction of ``|y_0|``: a probe that did not move for a whole
+#: window (a warm-up from LR 0) does not make every later rise infinitely many scales
+SCALE_FLOOR = 1e-3
 
 
 def cusum(score: float, z: float, kappa: float) -> float:
@@ -92,8 +98,6 @@ class DriftDetector:
         warmup: innovations needed before the detector looks (default 32, as the band's).
     """
 
-    _KEYS = ("score", "onset", "best", "values", "batches")
-
     def __init__(self, kappa: float = 4.0, h: float = 50.0, rho: float = 0.05,
                  window: int = 64, warmup: int = 32):
         if not all(math.isfinite(v) and v > 0 for v in (kappa, h, rho)) \
@@ -118,8 +122,8 @@ class DriftDetector:
             med, scale = noise_band(self.values)
             if self.score == 0.0:
                 self.onset, self.batches = step, []
-            z = (nu - med) / scale if scale > 0 else (math.inf if nu > med else 0.0)
-            self.score = cusum(self.score, z, self.kappa)
+            floor = max(SCALE_FLOOR * abs(y0), math.ulp(1.0))   # a flat probe: z stays finite
+            self.score = cusum(self.score, (nu - med) / max(scale, floor), self.kappa)
             if self.score > 0.0 and batch_id is not None and len(self.batches) < 1024:
                 self.batches.append(batch_id)
         if self.score == 0.0:
@@ -140,13 +144,28 @@ class DriftDetector:
                 "values": list(self.values), "batches": list(self.batches)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        values, score = [float(v) for v in state["values"]], float(state["score"])
-        if not all(math.isfinite(v) for v in values + [score]) or score < 0:
-            raise ValueError(f"drift state {state} holds a negative or non-finite value.")
-        self.score, self.values = score, values[-self.window:]
-        self.onset = None if state["onset"] is None else int(state["onset"])
-        self.best = math.inf if state["best"] is None else float(state["best"])
-        self.batches = list(state.get("batches", []))
+        """This layout, every value checked before anything changes."""
+        missing = {"score", "onset", "best", "values"} - set(state)
+        if missing:
+            raise ValueError(f"drift state lacks {sorted(missing)}; save it with state_dict().")
+        score = validation.real("drift state['score']", state["score"], low=0)
+        onset = validation.integer("drift state['onset']", state["onset"], low=-2**62, none=True)
+        best = (math.inf if state["best"] is None
+                else validation.real("drift state['best']", state["best"]))
+        if isinstance(state["values"], (str, bytes)) or not isinstance(state["values"], list):
+            raise ValueError("drift state['values'] must be a list of floats.")
+        values = [validation.real(f"drift state['values'][{i}]", v)
+                  for i, v in enumerate(state["values"])]
+        batches = state.get("batches", [])
+        if not isinstance(batches, list) or not all(validation.plain_id(b) for b in batches):
+            raise ValueError("drift state['batches'] must be a list of batch ids (ints, strings "
+                             "or tuples of them).")
+        self.score, self.onset, self.best = score, onset, best
+        self.values, self.batches = values[-self.window:], list(batches)
+
+    def reset(self) -> None:
+        """A fresh detector (its settings kept)."""
+        self.score, self.onset, self.best, self.values, self.batches = 0.0, None, math.inf, [], []
 
     def __repr__(self) -> str:
         return (f"DriftDetector(kappa={self.kappa}, h={self.h}, rho={self.rho}, "
@@ -215,7 +234,8 @@ class Rewind:
     def _push(self, guard) -> None:
         """Copy the verified state into the history, with the band it was judged by."""
         self.ring.push(guard.safe_snapshot)
-        list(self.ring)[-1].meta["band"] = copy.deepcopy(guard.threshold.state_dict())
+        list(self.ring)[-1].meta["judges"] = copy.deepcopy({
+            "band": guard.threshold.state_dict(), "signals": [s.state_dict() for s in guard.signals]})
         self.repeats = self.since = 0
 
     def _rewind(self, guard, rec, alarm: DriftAlarm, older: Snapshot) -> None:
@@ -224,12 +244,13 @@ class Rewind:
         st = guard.step_state
         for b in alarm.batches:   # later epochs skip them (QuarantineSampler, batch_id)
             st.stats["quarantined"] += guard.ladder.quarantine.add(b)
-        self.ring.drop_from(older.step + 1)
-        guard.safe_snapshot.copy_from(older)
-        band = guard.safe_snapshot.meta.pop("band", None)
-        st.yhat = older.meta["yhat"]
-        if band is not None:   # the rise's innovations leave the band's window
-            guard.threshold.load_state_dict(copy.deepcopy(band))
+        go_back(guard, older)
+        judges = guard.safe_snapshot.meta.pop("judges", None)
+        if judges is not None:   # the rise's innovations leave the band's and signals' windows
+            guard.threshold.load_state_dict(copy.deepcopy(judges["band"]))
+            for s, state in zip(guard.signals, copy.deepcopy(judges["signals"])):
+                s.load_state_dict(state)
+        self.since = 0
         st.stats["rewinds"] += 1
         self.detector.rebase(st.yhat)
         rec.event.skip_batches = max(rec.event.skip_batches,
@@ -262,23 +283,47 @@ class Rewind:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """The detector's state; the history is dropped (it belongs to another trajectory).
         Checked first, then committed: a bad state changes nothing."""
-        repeats, since, target = (int(state.get("repeats", 0)), int(state.get("since", 0)),
-                                  state.get("target"))
-        if repeats < 0 or since < 0 or not (target is None or isinstance(target, int)):
-            raise ValueError(f"rewind state {state} is out of range.")
-        self.detector.load_state_dict(state["detector"])
-        self.repeats, self.since, self.target, self.ring = repeats, since, target, None
+        if "detector" not in state:
+            raise ValueError("rewind state lacks 'detector'; save it with state_dict().")
+        repeats = validation.integer("rewind state['repeats']", state.get("repeats", 0))
+        since = validation.integer("rewind state['since']", state.get("since", 0))
+        target = validation.integer("rewind state['target']", state.get("target"), low=-1,
+                                    none=True)
+        detector = copy.deepcopy(self.detector)
+        detector.load_state_dict(state["detector"])
+        self.detector, self.repeats, self.since, self.target = detector, repeats, since, target
+        self.ring = None
+
+    def reset(self) -> None:
+        """Fresh: no rise, no history (a checkpoint from before this rung)."""
+        self.detector.reset()
+        self.repeats, self.since, self.target, self.ring = 0, 0, None, None
 
     def __deepcopy__(self, memo: dict) -> "Rewind":
-        """A copy without the history: its snapshots hold this trajectory's optimizer and
-        model (a checkpoint load works on a copy of the ladder, and drops them anyway)."""
+        """A copy of a whole guard (its optimizer already in ``memo``) keeps the history; a
+        copy of the ladder alone (a checkpoint load) leaves it: its snapshots hold this
+        trajectory's optimizer and model."""
         new = copy.copy(self)
-        new.detector, new.ring = copy.deepcopy(self.detector, memo), None
+        new.detector = copy.deepcopy(self.detector, memo)
+        slots = list(self.ring) if self.ring is not None else []
+        whole = bool(slots) and id(slots[0].optimizer) in memo
+        new.ring = copy.deepcopy(self.ring, memo) if whole else None
         return new
 
     def __repr__(self) -> str:
         return (f"Rewind({self.detector!r}, keep={self.keep}, every={self.every}, "
-                f"margin={self.margin}, patience={self.patience})")
+                f"margin={self.margin}, patience={self.patience}, skip={self.skip})")
+
+
+def go_back(guard, older: Snapshot) -> None:
+    """The safe snapshot becomes ``older`` (an entry of a history) with its reference
+    ``yhat``; every history forgets the entries after it (they descend from the damage
+    being escaped). Shared by the budget's reach-back and the drift rewind."""
+    for ring in (guard.snapshot_history, getattr(guard.ladder.rewind, "ring", None)):
+        if ring is not None:
+            ring.drop_from(older.step + 1)
+    guard.safe_snapshot.copy_from(older)
+    guard.step_state.yhat = older.meta["yhat"]
 
 
 def skip_ahead(batches: Iterable, guard) -> Iterator[tuple[int, Any]]:

@@ -9,12 +9,12 @@ measure the proposal with the probe, and accept or reject, climbing the ladder's
 are values (:mod:`.outcome`).
 
 Invariants (tested): every accepted measured step satisfies ``y <= yhat + epsilon_t``
-(Theorem 7.3); after a rollback params, optimizer state and buffers equal the last
-accepted state bit for bit (Proposition 7.4), while the RNG streams move on (:mod:`.rng`);
+(Theorem 7.3); after a rollback params, optimizer state and buffers equal the last accepted
+state (a drift rewind's: an older one) bit for bit (Prop. 7.4); the RNG streams move on;
 with a fixed ``epsilon``, ``max_k y(theta_k) <= y(theta_0) + t * epsilon`` (Proposition
 7.5); a run in which the guard never intervenes is bit-identical to the bare optimizer's;
 a ``step()`` that raises leaves counters, parameters and state as they were.
-``max_consecutive_rejections=None, ladder=Ladder(rerun=None)`` gives Algorithm 1 exactly.
+``max_consecutive_rejections=None, ladder=Ladder(None, backoff=None, rewind=None)``: Algorithm 1.
 """
 
 from __future__ import annotations
@@ -565,7 +565,7 @@ class GuardedOptimizer(Optimizer):
         for a in self.recovery:   # e.g. an importance blend reads the rejected values
             a.before_rollback(self)
         rec.undone = max(rec.undone, st.unverified)   # a re-run may have restored already
-        done = [self.ladder.budget.on_rejection(self, rec.y)]
+        done = [self.ladder.budget.on_rejection(self, rec)]
         st.in_row += 1
         done += self.ladder.heal(self, rec.reasons)   # the healing rungs change what comes next
         for a in self.recovery:

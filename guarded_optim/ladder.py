@@ -63,7 +63,8 @@ from typing import Any, Callable, Hashable, Iterator
 import torch
 
 from . import rng
-from .drift import Rewind
+from .drift import Rewind, go_back
+from .validation import plain_id as _plain_id
 from .outcome import Action, RerunOutcome
 from .policy import ResetMoments
 from .signals.probe import ProbeError
@@ -176,9 +177,10 @@ class BackOff:
     last changed, training makes progress at this scale and it grows back by ``1 / factor``
     (up to 1); higher, the reduced step still does damage slowly (a run past its edge of
     stability) and it backs off once more. Without a probe it grows back. A growth is on
-    trial until the next change: the first healthy step whose ``yhat`` is above its value
-    at the growth undoes it at once (back to the scale and the reference from before it;
-    the interval stays, the try cost a step or two). A growth the probe had to reject
+    trial until the next change (the last one, back to 1, for one interval): the first
+    healthy step whose ``yhat`` is above its value at the growth undoes it at once (back to
+    the scale and the reference from before it; the interval stays, the try cost a step or
+    two). A growth the probe had to reject
     doubles the interval before the next try (up to 1000 steps): a cause that persists is
     not probed every 10 steps. Measured on the natural suite's ``edge_of_stability``
     (``--quick``, 5 seeds, final probe loss / the reference's): 1.36x with the trial
@@ -186,8 +188,8 @@ class BackOff:
     2.14; the grown scale's slow damage was let run to the interval's end, peak 3.1x, now
     2.2x); a ceiling at the failed scale on top of the trial measured no better (1.35x).
     Seed 4's 2.0x is damage accepted in the first 10 steps, before the probe's band has
-    narrowed, not the back-off. ``adam_v_decay`` (minibatch noise) 1.63x, was 1.65x. The scale is the guard's own
-    multiplier around ``inner.step()`` (the groups' ``lr`` that schedulers write is never
+    narrowed, not the back-off. ``adam_v_decay`` (minibatch noise) 1.63x, was 1.65x. The
+    scale is the guard's own multiplier around ``inner.step()`` (the groups' ``lr`` that schedulers write is never
     changed), reported as ``StepEvent.lr_scale`` and counted in ``stats["backoffs"]``.
     """
 
@@ -216,7 +218,7 @@ class BackOff:
     def on_healthy(self, yhat: float | None) -> bool:
         """A healthy applied step; ``True`` if the scale backed off (no progress at it, or a
         growth on trial made ``yhat`` worse)."""
-        if self.scale >= 1.0:
+        if self.scale >= 1.0 and not self.grown:   # nothing to heal (every clean step)
             return False
         self.healthy += 1
         worse = yhat is not None and self.reference is not None and yhat > self.reference
@@ -225,6 +227,9 @@ class BackOff:
         if self.healthy < self.interval:
             return False
         self.healthy = 0
+        if self.scale >= 1.0:   # the growth back to 1 held for a whole interval: healed
+            self.grown = False
+            return False
         if worse:
             return self._back_off(yhat)
         self.previous, self.grown = self.reference, True
@@ -317,11 +322,14 @@ class Budget:
             raise ValueError(f"Invalid on_exhausted: {on_exhausted!r}; choose one of {_EXHAUSTED}.")
         self.limit, self.on_exhausted = limit, on_exhausted
 
-    def on_rejection(self, guard, y: float | None) -> Action | None:
+    def on_rejection(self, guard, rec) -> Action | None:
         """Restore the verified state, escalating when rejections keep coming; returns what
-        was done beyond the rollback. ``y``: the rejected probe value (``None``: no probe
-        measured the rejection)."""
-        st = guard.step_state
+        was done beyond the rollback. ``rec.y``: the rejected probe value (``None``: no probe
+        measured the rejection). A drift rewind is its own reach-back: restored, not counted."""
+        st, y = guard.step_state, rec.y
+        if Action.REWIND in rec.actions:
+            guard._restore()
+            return None
         st.consecutive += 1
         if self.limit is None or st.consecutive < self.limit:
             guard._restore()
@@ -329,9 +337,7 @@ class Budget:
         st.consecutive = 0
         older = guard._ring.newest_before(guard._safe.step)
         if older is not None:      # reach back past damage accepted earlier
-            guard._ring.drop_from(older.step + 1)
-            guard._safe.copy_from(older)
-            st.yhat = older.meta["yhat"]
+            go_back(guard, older)
             st.stats["escalations"] += 1
             guard._restore()
             return Action.ESCALATE
@@ -361,13 +367,6 @@ class Budget:
 
     def __repr__(self) -> str:
         return f"Budget(limit={self.limit}, on_exhausted={self.on_exhausted!r})"
-
-
-def _plain_id(x: Any) -> bool:
-    """A batch id that a ``weights_only`` checkpoint holds: an int, a str, or a tuple of them."""
-    if isinstance(x, tuple):
-        return all(isinstance(i, (int, str)) and not isinstance(i, bool) for i in x)
-    return isinstance(x, (int, str)) and not isinstance(x, bool)
 
 
 class Quarantine:
@@ -525,8 +524,10 @@ class Ladder:
         if self.backoff is not None:   # absent before the healing rung: start at 1
             self.backoff.load_state_dict(state.get("backoff", {"scale": 1.0, "healthy": 0,
                                                                "reference": None}))
-        if self.rewind is not None and "rewind" in state:   # absent before the drift rung
+        if self.rewind is not None and "rewind" in state:
             self.rewind.load_state_dict(state["rewind"])
+        elif self.rewind is not None:   # a checkpoint from before the drift rung: afresh
+            self.rewind.reset()
 
     def __repr__(self) -> str:
         return (f"Ladder(rerun={self.rerun!r}, quarantine={self.quarantine!r}, "

@@ -76,6 +76,9 @@ def _kept(guard, rec) -> str:
     """What a rollback undid and which state the model and optimizer hold now, in words."""
     safe, undone = guard.safe_snapshot.step, rec.undone
     held = f"the model and optimizer hold the state verified before step {safe}"
+    if Action.REWIND in rec.actions:
+        return (f"the {rec.t + 1 - safe} accepted updates since step {safe} undone (they "
+                f"carried a slow rise); {held}")
     if undone == 0:
         return f"the live state was written since it was verified; {held}"
     if undone == 1 and rec.y is not None:

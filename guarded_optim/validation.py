@@ -15,6 +15,13 @@ from typing import Any, Callable, Iterable
 __all__ = ["real", "integer", "instance", "items"]
 
 
+def plain_id(x: Any) -> bool:
+    """A batch id that a ``weights_only`` checkpoint holds: an int, a str, or a tuple of them."""
+    if isinstance(x, tuple):
+        return all(isinstance(i, (int, str)) and not isinstance(i, bool) for i in x)
+    return isinstance(x, (int, str)) and not isinstance(x, bool)
+
+
 def real(name: str, value: Any, *, low: float | None = None, high: float | None = None,
          low_open: bool = False, high_open: bool = False, hint: str = "") -> float:
     """``value`` as a float, if it is a finite real number within the bounds; else raise."""

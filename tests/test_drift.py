@@ -194,14 +194,15 @@ def test_no_snapshot_old_enough_says_so_and_carries_on(caplog):
     assert any("no verified state from before it is kept" in r.getMessage() for r in caplog.records)
 
 
-def train_with(seed, ladder):
+def train_with(seed, ladder=None, steps=300, **extra):
+    """``train`` with guard arguments of the test's choosing."""
     original = GuardedOptimizer.__init__
 
     def init(self, *a, **kw):
-        original(self, *a, ladder=ladder, **kw)
+        original(self, *a, ladder=ladder, **extra, **kw)
     GuardedOptimizer.__init__ = init
     try:
-        return train(seed, True)
+        return train(seed, True, steps)
     finally:
         GuardedOptimizer.__init__ = original
 
@@ -240,17 +241,30 @@ def test_a_load_copies_the_ladder_without_the_history_and_bad_state_changes_noth
     assert rewind.state_dict() == before and len(rewind.ring) == rewind.keep
 
 
+def same(a, b) -> bool:
+    """Equal, tensors compared by value (state dicts hold both)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
+    return a == b
+
+
 def test_a_rewind_takes_the_reference_and_the_band_back_with_the_state():
-    """yhat and the band's window go back to the rewound state's: the rise's innovations
-    leave the window that judges the next proposals."""
+    """yhat, the band's window and the signals' state go back to the rewound state's: the
+    rise's innovations leave the windows that judge the next proposals."""
     seen = []
 
     def check(opt):
         def on_event(e):
             if e.action and "rewind" in e.action:
                 entry = next(s for s in opt.ladder.rewind.ring if s.step == opt.safe_snapshot.step)
-                seen.append((opt.threshold.state_dict() == entry.meta["band"],
-                             opt.yhat == entry.meta["yhat"], "band" not in opt.safe_snapshot.meta))
+                judges = entry.meta["judges"]
+                seen.append((opt.threshold.state_dict() == judges["band"],
+                              same([s.state_dict() for s in opt.signals], judges["signals"]),
+                              opt.yhat == entry.meta["yhat"], "judges" not in opt.safe_snapshot.meta))
         return on_event
     original = GuardedOptimizer.__init__
 
@@ -294,3 +308,83 @@ def test_the_user_loop_with_skip_ahead_matches_the_two_line_loop():
     with torch.no_grad():
         mine = F.cross_entropy(model(xp), yp).item()
     assert mine == train(0, True)[0] and opt.stats["rewinds"] >= 1
+
+
+@pytest.mark.parametrize("key, value", [("onset", "x"), ("onset", 2.7), ("best", math.nan),
+                                        ("batches", "abc"), ("batches", [[1, 2]]),
+                                        ("score", math.inf), ("values", [1.0, math.inf])])
+def test_a_bad_detector_field_is_named_and_nothing_changes(key, value):
+    det = DriftDetector()
+    feed(det, [-0.01 + 0.001 * (i % 3) for i in range(50)])
+    before = det.state_dict()
+    with pytest.raises(ValueError, match="drift state"):
+        det.load_state_dict({**before, key: value})
+    assert det.state_dict() == before
+
+
+@pytest.mark.parametrize("key, value", [("repeats", 1.9), ("target", True), ("since", -1)])
+def test_a_bad_rewind_field_is_named_and_nothing_changes(key, value):
+    rewind = Rewind()
+    before = rewind.state_dict()
+    with pytest.raises(ValueError, match=f"rewind state\\['{key}'\\]"):
+        rewind.load_state_dict({**before, key: value})
+    with pytest.raises(ValueError, match="lacks 'detector'"):
+        rewind.load_state_dict({k: v for k, v in before.items() if k != "detector"})
+    assert rewind.state_dict() == before
+
+
+def test_a_probe_that_stood_still_keeps_the_statistic_finite_and_the_checkpoint_loadable():
+    """40 steps at LR 0 (a flat probe: its spread is 0), then training: the CUSUM stays
+    finite and the guard loads its own state_dict."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    data, (xp, yp) = loader(0)
+    opt = GuardedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0),
+                           lambda: F.cross_entropy(model(xp), yp), module=model)
+    for i, (x, y) in enumerate(data):
+        if i == 40:
+            opt.param_groups[0]["lr"] = 0.05
+        if i == 80:
+            break
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert math.isfinite(opt.ladder.rewind.detector.score)
+    opt.load_state_dict(opt.state_dict())
+
+
+def test_a_rewind_and_a_reach_back_never_return_into_each_others_damage():
+    """With the budget's history on too, a rewind drops that history's entries from the
+    rise (a later reach-back would land in it)."""
+    holder, checked = [], []
+
+    def on_event(e):
+        if e.action and "rewind" in e.action:
+            opt = holder[0]
+            checked.append([s.step for s in opt.snapshot_history if s.step > opt.safe_snapshot.step])
+
+    original = GuardedOptimizer.__init__
+
+    def init(self, *a, **kw):
+        original(self, *a, **kw)
+        holder.append(self)
+    GuardedOptimizer.__init__ = init
+    try:
+        train_with(0, history=4, checkpoint_every=5, callbacks=[on_event])
+    finally:
+        GuardedOptimizer.__init__ = original
+    assert checked and all(later == [] for later in checked), checked
+    assert len(holder[0].snapshot_history) > 0   # the history was in use
+
+
+def test_a_deep_copied_guard_keeps_its_history_and_an_old_checkpoint_starts_the_rung_afresh():
+    _, opt, _ = train(0, True, steps=80)
+    twin = copy.deepcopy(opt)
+    assert [s.step for s in twin.ladder.rewind.ring] == [s.step for s in opt.ladder.rewind.ring]
+    assert all(s.optimizer is twin.inner for s in twin.ladder.rewind.ring)
+    sd = opt.state_dict()
+    older = {**sd, "guard": {**sd["guard"], "ladder": {
+        k: v for k, v in sd["guard"]["ladder"].items() if k != "rewind"}}}
+    opt.ladder.rewind.detector.score = 7.0
+    opt.load_state_dict(older)
+    assert opt.ladder.rewind.detector.score == 0.0 and opt.ladder.rewind.detector.values == []

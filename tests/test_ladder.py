@@ -303,3 +303,18 @@ def test_backoff_a_grown_scale_the_probe_rejects_doubles_the_interval_and_state_
     for bad in ({**old, "previous": float("nan")}, {**old, "scale": 2.0}):
         with pytest.raises(ValueError):
             c.load_state_dict(bad)
+
+
+def test_backoff_the_growth_back_to_1_is_on_trial_for_one_interval_then_healed():
+    b = _backed_off(1.0)
+    for yhat in (0.9, 0.8, 0.7):
+        b.on_healthy(yhat)
+    assert b.scale == 1.0 and b.grown          # grown back to 1: on trial
+    assert b.on_healthy(0.75) and b.scale == 0.5 and b.reference == 1.0   # worse: undone
+    for yhat in (0.9, 0.8, 0.7):
+        b.on_healthy(yhat)
+    for yhat in (0.69, 0.68, 0.67):             # a whole interval at 1 without getting worse
+        assert not b.on_healthy(yhat)
+    assert b.scale == 1.0 and not b.grown       # healed: later steps touch nothing
+    state = b.state_dict()
+    assert not b.on_healthy(5.0) and b.state_dict() == state
