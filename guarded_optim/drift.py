@@ -251,7 +251,6 @@ class Rewind:
             for s, state in zip(guard.signals, copy.deepcopy(judges["signals"])):
                 s.load_state_dict(state)
         self.since = 0
-        st.stats["rewinds"] += 1
         self.detector.rebase(st.yhat)
         rec.event.skip_batches = max(rec.event.skip_batches,
                                      self.skip * (rec.t + 1 - alarm.onset) * 2 ** self.repeats)

@@ -568,7 +568,7 @@ class ImportanceWeightedRollback(RecoveryAction):
 
     The optimizer state, buffers and RNG are restored exactly; only parameters are blended,
     and non-finite rejected values are never blended in. The blend is skipped when the
-    guard escalated or re-baselined instead of restoring its snapshot. The blended state is
+    guard escalated, re-baselined or rewound slow damage instead of restoring its snapshot. The blended state is
     not captured as verified: it is measured with the next proposal, and a rejection there
     returns to the exact snapshot. Cost: one copy of the parameters at each rollback.
     """
@@ -582,18 +582,22 @@ class ImportanceWeightedRollback(RecoveryAction):
         self.lam, self.centre = float(lam), float(centre)
         self.blends = 0
         self._rejected: list[torch.Tensor] | None = None
-        self._marks: tuple[int, int] = (0, 0)
+        self._marks: tuple[int, ...] = (0, 0, 0)
+
+    @staticmethod
+    def _went_elsewhere(guard) -> tuple[int, ...]:
+        """Counters of the rollbacks that do not return to the snapshot just verified."""
+        return guard.stats["escalations"], guard.stats["rebaselines"], guard.stats["rewinds"]
 
     def before_rollback(self, guard) -> None:
         self._rejected = [p.detach().clone() for p in _params(guard)]
-        self._marks = (guard.stats["escalations"], guard.stats["rebaselines"])
+        self._marks = self._went_elsewhere(guard)
 
     @torch.no_grad()
     def on_rollback(self, guard, consecutive):
         rejected, self._rejected = self._rejected, None
         fisher = find_fisher(guard)
-        if rejected is None or not fisher.ready or self._marks != (
-                guard.stats["escalations"], guard.stats["rebaselines"]):
+        if rejected is None or not fisher.ready or self._marks != self._went_elsewhere(guard):
             return None
         params = _params(guard)
         beta = _on(restore_weights(fisher.fisher, self.lam, self.centre), params)

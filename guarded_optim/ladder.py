@@ -325,9 +325,11 @@ class Budget:
     def on_rejection(self, guard, rec) -> Action | None:
         """Restore the verified state, escalating when rejections keep coming; returns what
         was done beyond the rollback. ``rec.y``: the rejected probe value (``None``: no probe
-        measured the rejection). A drift rewind is its own reach-back: restored, not counted."""
+        measured the rejection). A drift rewind is its own reach-back: restored and counted
+        (``stats["rewinds"]``), not charged to the budget."""
         st, y = guard.step_state, rec.y
         if Action.REWIND in rec.actions:
+            st.stats["rewinds"] += 1
             guard._restore()
             return None
         st.consecutive += 1
