@@ -177,18 +177,21 @@ class Rewind:
     onset, quarantine what was seen since, skip ahead.
 
     It keeps ``keep`` verified snapshots in host memory, one copied every ``every``
-    measured, accepted steps while no rise is accumulating (each costs one copy of the parameters,
-    the optimizer state and the buffers: 12 B/param for fp32 AdamW, in host memory, never
-    on the accelerator; ``bench --suite memory`` prices it). On an alarm it restores the
-    newest one captured at least ``margin`` steps before the estimated onset (the CUSUM's
-    onset is late by a few steps), with the reference ``yhat`` and the threshold's state
-    it had (the rise's innovations leave the band's window), quarantines the batch ids seen since the onset, and
-    sets ``StepEvent.skip_batches`` to ``skip`` x the number of steps since the onset,
-    doubled at each further alarm that goes back to the same state (the bad stretch
-    outlasted the skip; PaLM skipped 200-500 batches, a few times the stretch it had seen).
-    Measured on the natural suite's mislabelled shard (5 seeds, full length), ``skip``
-    1 / 4 / 8 ended at 1.17 / 1.20 / 1.17x the reference with 2.4 / 1.4 / 1.0 rewinds a
-    run: a larger skip spares the second and third rewinds. After ``patience`` such alarms the rise is taken
+    measured, accepted steps while no rise is accumulating (each costs one copy of the
+    parameters, the optimizer state and the buffers: 12 B/param for fp32 AdamW, in host
+    memory, never on the accelerator; ``bench --suite memory`` prices it), each with the
+    reference ``yhat``, the threshold's state and the signals' state it was judged by.
+
+    On an alarm it goes back to the newest one captured at least ``margin`` steps before
+    the estimated onset (the CUSUM's onset is late by a few steps), with that reference
+    and those states (the rise's innovations leave the windows that judge what comes
+    next), quarantines the batch ids seen since the onset, and sets
+    ``StepEvent.skip_batches`` to ``skip`` x the number of steps since the onset, doubled
+    at each further alarm that goes back to the same state (the bad stretch outlasted the
+    skip; PaLM skipped 200-500 batches, a few times the stretch it had seen). Measured on
+    the natural suite's mislabelled shard (5 seeds, full length), ``skip`` 1 / 4 / 8 ended
+    at 1.17 / 1.20 / 1.17x the reference with 2.4 / 1.4 / 1.0 rewinds a run: a larger skip
+    spares the second and third rewinds. After ``patience`` such alarms the rise is taken
     as the data's own (see the module docstring). With no snapshot old enough it says so
     at WARNING and carries on (``stats["drift_unrewound"]``). The history is not saved in
     ``state_dict`` (the detector's state is): a resumed run starts it again.
@@ -200,7 +203,8 @@ class Rewind:
                  margin: int = 5, patience: int = 3, skip: int = 8):
         if min(keep, every, patience, skip) < 1 or margin < 0:
             raise ValueError(f"Invalid keep={keep!r} / every={every!r} / margin={margin!r} / "
-                             f"patience={patience!r}; need keep, every, patience >= 1, margin >= 0.")
+                             f"patience={patience!r} / skip={skip!r}; need keep, every, "
+                             "patience, skip >= 1 and margin >= 0.")
         self.detector = detector if detector is not None else DriftDetector()
         self.keep, self.every, self.margin, self.patience = keep, every, margin, patience
         self.skip = skip
@@ -234,8 +238,9 @@ class Rewind:
     def _push(self, guard) -> None:
         """Copy the verified state into the history, with the band it was judged by."""
         self.ring.push(guard.safe_snapshot)
-        list(self.ring)[-1].meta["judges"] = copy.deepcopy({
-            "band": guard.threshold.state_dict(), "signals": [s.state_dict() for s in guard.signals]})
+        judges = {"band": guard.threshold.state_dict(),
+                  "signals": [s.state_dict() for s in guard.signals]}
+        list(self.ring)[-1].meta["judges"] = copy.deepcopy(judges)
         self.repeats = self.since = 0
 
     def _rewind(self, guard, rec, alarm: DriftAlarm, older: Snapshot) -> None:

@@ -189,8 +189,9 @@ class BackOff:
     2.2x); a ceiling at the failed scale on top of the trial measured no better (1.35x).
     Seed 4's 2.0x is damage accepted in the first 10 steps, before the probe's band has
     narrowed, not the back-off. ``adam_v_decay`` (minibatch noise) 1.63x, was 1.65x. The
-    scale is the guard's own multiplier around ``inner.step()`` (the groups' ``lr`` that schedulers write is never
-    changed), reported as ``StepEvent.lr_scale`` and counted in ``stats["backoffs"]``.
+    scale is the guard's own multiplier around ``inner.step()`` (the groups' ``lr`` that
+    schedulers write is never changed), reported as ``StepEvent.lr_scale`` and counted in
+    ``stats["backoffs"]``.
     """
 
     name = "backoff"

@@ -254,6 +254,7 @@ class Curve:
     init: float
     stats: dict[str, int] = field(default_factory=dict)
     rollbacks_at: list[int] = field(default_factory=list)
+    rewinds_at: list[int] = field(default_factory=list)   # the rollbacks that were drift rewinds
     skips_at: list[int] = field(default_factory=list)
     stopped_at: int | None = None
     window: int = 0
@@ -322,6 +323,8 @@ def train(setup: Setup, arm: str, mechanism: str = "", seed: int = 0) -> Curve:
             e = events[-1]
             if e.decision == "rollback":
                 out.rollbacks_at.append(t)
+                if e.action and "rewind" in e.action:
+                    out.rewinds_at.append(t)
             elif e.decision == "skip":
                 out.skips_at.append(t)
             i += getattr(e, "skip_batches", 0) or 0
@@ -748,6 +751,8 @@ def _panel(ax, mine: dict[str, Curve], mech: Mechanism | None, span: tuple[int, 
                  "reference": f"reference: {mech.fix}" if mech else "reference"}.get(arm, arm)
         if arm.startswith("guarded"):
             label += f": {len(c.rollbacks_at)} rollbacks, {len(c.skips_at)} skips"
+            if c.rewinds_at:
+                label += f" ({len(c.rewinds_at)} of them drift rewinds)"
             if c.stopped_at is not None:
                 label += f", stopped at step {c.stopped_at}"
         ax.plot(range(lo, hi), c.curve[lo:hi], color=color, ls=style, lw=1.4,
@@ -760,7 +765,7 @@ def _panel(ax, mine: dict[str, Curve], mech: Mechanism | None, span: tuple[int, 
             if not arm.startswith("guarded"):     # one label; guarded arms get the marker
                 ax.annotate(f"  {arm}: non-finite from step {bad}", (at, y), color=color,
                             fontsize=8, va="top")
-        for ts, marker in ((c.rollbacks_at, "o"), (c.skips_at, "x")):
+        for ts, marker in ((c.rollbacks_at, "o"), (c.skips_at, "x"), (c.rewinds_at, "D")):
             ts = [t for t in ts if lo <= t < hi and math.isfinite(c.curve[t])]
             if ts:
                 ax.plot(ts, [c.curve[t] for t in ts], marker, color=color, ms=6, mfc="none",
@@ -775,8 +780,8 @@ def _panel(ax, mine: dict[str, Curve], mech: Mechanism | None, span: tuple[int, 
 
 def figures(curves: dict[str, list[Curve]], out_dir: str) -> list[str]:
     """One PNG per mechanism, ``natural_<mechanism>.png``: the probe loss of every arm on the
-    first seed (log axis when it spans more than a decade), rollbacks (o) and skips (x) of the
-    guarded arms marked on their curves, a stop marked with a square, the data event shaded;
+    first seed (log axis when it spans more than a decade), rollbacks (o; a drift rewind
+    also a diamond) and skips (x) of the guarded arms marked on their curves, a stop marked with a square, the data event shaded;
     where the event starts mid-run, a second panel zooms in on it. Returns the paths
     written (none without matplotlib)."""
     try:
@@ -804,7 +809,8 @@ def figures(curves: dict[str, list[Curve]], out_dir: str) -> list[str]:
         _panel(ax, mine, mech, (0, steps), True)
         ax.set(xlabel="training step", ylabel="probe loss (held-out cross-entropy, nats)",
                title=f"{name} ({mech.source if mech else ''}), seed {seed}\n"
-                     "guard decisions on its curves: o rollback, x skip, \u25a0 stopped")
+                     "guard decisions on its curves: o rollback, \u25c7 drift rewind, x skip, "
+                     "\u25a0 stopped")
         fig.legend(fontsize=8, loc="lower center", ncol=2, frameon=False,
                    bbox_to_anchor=(0.5, -0.02), borderaxespad=0)
         fig.tight_layout(rect=(0, 0.16, 1, 1))
