@@ -188,7 +188,7 @@ class BackOff:
     2.14; the grown scale's slow damage was let run to the interval's end, peak 3.1x, now
     2.2x); a ceiling at the failed scale on top of the trial measured no better (1.35x).
     Seed 4's 2.0x is damage accepted in the first 10 steps, before the probe's band has
-    narrowed, not the back-off. ``adam_v_decay`` (minibatch noise) 1.63x, was 1.65x. The
+    narrowed, not the back-off. ``adam_v_decay`` 1.37x, was 1.65x. The
     scale is the guard's own multiplier around ``inner.step()`` (the groups' ``lr`` that
     schedulers write is never changed), reported as ``StepEvent.lr_scale`` and counted in
     ``stats["backoffs"]``.
