@@ -750,9 +750,8 @@ def _panel(ax, mine: dict[str, Curve], mech: Mechanism | None, span: tuple[int, 
         label = {"bare": f"bare: {mech.bare}" if mech else "bare",
                  "reference": f"reference: {mech.fix}" if mech else "reference"}.get(arm, arm)
         if arm.startswith("guarded"):
-            label += f": {len(c.rollbacks_at)} rollbacks, {len(c.skips_at)} skips"
-            if c.rewinds_at:
-                label += f" ({len(c.rewinds_at)} of them drift rewinds)"
+            rewinds = f" ({len(c.rewinds_at)} drift rewinds)" if c.rewinds_at else ""
+            label += f": {len(c.rollbacks_at)} rollbacks{rewinds}, {len(c.skips_at)} skips"
             if c.stopped_at is not None:
                 label += f", stopped at step {c.stopped_at}"
         ax.plot(range(lo, hi), c.curve[lo:hi], color=color, ls=style, lw=1.4,
