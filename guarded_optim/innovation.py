@@ -39,10 +39,17 @@ def ewma(yhat: float, y: float, alpha: float) -> float:
 def noise_band(values: list[float]) -> tuple[float, float]:
     """``(median, scale)`` of ``values``: the median and the median absolute deviation,
     scaled by 1.4826 to a standard deviation for normal noise. Neither moves when a few
-    values are outliers."""
-    ordered = sorted(values)
-    med = statistics.median(ordered)
-    return med, 1.4826 * statistics.median(abs(v - med) for v in ordered)
+    values are outliers. The band and the drift detector ask for the same window once a
+    step (the innovations accepted before it): the last answer is kept for that."""
+    key = tuple(values)
+    if key != _last_band[0]:
+        ordered = sorted(key)
+        med = statistics.median(ordered)
+        _last_band[:] = [key, (med, 1.4826 * statistics.median(abs(v - med) for v in ordered))]
+    return _last_band[1]
+
+
+_last_band: list = [None, None]   # (the window, its band): one entry, shared per step
 
 
 def accepts(nu: float, epsilon: float) -> bool:
