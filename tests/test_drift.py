@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import logging
 import math
 import random
@@ -388,3 +389,52 @@ def test_a_deep_copied_guard_keeps_its_history_and_an_old_checkpoint_starts_the_
     opt.ladder.rewind.detector.score = 7.0
     opt.load_state_dict(older)
     assert opt.ladder.rewind.detector.score == 0.0 and opt.ladder.rewind.detector.values == []
+
+
+def _model():
+    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                         nn.Linear(64, 10))
+
+
+def _loop(model, opt, data, start, stop, events):
+    """The user's loop from batch ``start`` on, honouring the skip, until ``stop`` steps."""
+    for i, (x, y) in skip_ahead(itertools.islice(data, start, None), opt):
+        if opt.stats["steps"] == stop:
+            return start + i
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step(batch_id=start + i)
+        events.append(opt.last_event)
+
+
+def test_a_run_resumed_before_the_bad_shard_rewinds_exactly_as_the_uninterrupted_one(tmp_path):
+    """Checkpoint at step 60 (torch.save, weights_only load), resume in fresh objects: the
+    detector's window and push schedule are in the state_dict, so the rise at step 120 is
+    rewound the same way and the run ends bit-identical to the uninterrupted one."""
+    data, (xp, yp) = loader(0)
+    torch.manual_seed(0)
+    whole = _model()
+    opt = GuardedOptimizer(torch.optim.AdamW(whole.parameters(), lr=3e-3),
+                           lambda: F.cross_entropy(whole(xp), yp), module=whole)
+    events: list = []
+    _loop(whole, opt, data, 0, 300, events)
+    assert opt.stats["rewinds"] >= 1
+
+    torch.manual_seed(0)
+    first = _model()
+    opt1 = GuardedOptimizer(torch.optim.AdamW(first.parameters(), lr=3e-3),
+                            lambda: F.cross_entropy(first(xp), yp), module=first)
+    at = _loop(first, opt1, data, 0, 60, [])
+    torch.save({"model": first.state_dict(), "opt": opt1.state_dict(), "batch": at},
+               tmp_path / "ckpt.pt")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    resumed = _model()
+    resumed.load_state_dict(ckpt["model"])
+    opt2 = GuardedOptimizer(torch.optim.AdamW(resumed.parameters(), lr=3e-3),
+                            lambda: F.cross_entropy(resumed(xp), yp), module=resumed)
+    opt2.load_state_dict(ckpt["opt"])
+    later: list = []
+    _loop(resumed, opt2, data, ckpt["batch"], 300, later)
+    assert [(e.decision, e.action, e.skip_batches) for e in later] == \
+        [(e.decision, e.action, e.skip_batches) for e in events[60:]]
+    assert all(torch.equal(a, b) for a, b in zip(whole.parameters(), resumed.parameters()))
