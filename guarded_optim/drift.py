@@ -240,7 +240,8 @@ class Rewind:
         return True
 
     def _push(self, guard) -> None:
-        """Copy the verified state into the history, with the band it was judged by."""
+        """Copy the verified state into the history, with the band's and the signals'
+        state it was judged by."""
         self.ring.push(guard.safe_snapshot)
         judges = {"band": guard.threshold.state_dict(),
                   "signals": [s.state_dict() for s in guard.signals]}
@@ -248,8 +249,9 @@ class Rewind:
         self.repeats = self.since = 0
 
     def _rewind(self, guard, rec, alarm: DriftAlarm, older: Snapshot) -> None:
-        """The safe snapshot, the reference ``yhat`` and the band go back to ``older``; the
-        batches since the onset are quarantined and the loop is told to skip ahead."""
+        """The safe snapshot, the reference ``yhat``, the band and the signals go back to
+        ``older``; the batches since the onset are quarantined, the loop told to skip ahead.
+        (The judges are copied again on the way in: a second rewind may return to ``older``.)"""
         st = guard.step_state
         for b in alarm.batches:   # later epochs skip them (QuarantineSampler, batch_id)
             st.stats["quarantined"] += guard.ladder.quarantine.add(b)
@@ -297,10 +299,8 @@ class Rewind:
         since = validation.integer("rewind state['since']", state.get("since", 0))
         target = validation.integer("rewind state['target']", state.get("target"), low=-1,
                                     none=True)
-        detector = copy.deepcopy(self.detector)
-        detector.load_state_dict(state["detector"])
-        self.detector, self.repeats, self.since, self.target = detector, repeats, since, target
-        self.ring = None
+        self.detector.load_state_dict(state["detector"])   # checks all, then commits
+        self.repeats, self.since, self.target, self.ring = repeats, since, target, None
 
     def reset(self) -> None:
         """Fresh: no rise, no history (a checkpoint from before this rung)."""

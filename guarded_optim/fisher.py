@@ -568,8 +568,8 @@ class ImportanceWeightedRollback(RecoveryAction):
 
     The optimizer state, buffers and RNG are restored exactly; only parameters are blended,
     and non-finite rejected values are never blended in. The blend is skipped when the
-    guard escalated, re-baselined or rewound slow damage instead of restoring its snapshot. The blended state is
-    not captured as verified: it is measured with the next proposal, and a rejection there
+    guard escalated, re-baselined or rewound slow damage instead of restoring its snapshot.
+    The blended state is not captured as verified: it is measured with the next proposal, and a rejection there
     returns to the exact snapshot. Cost: one copy of the parameters at each rollback.
     """
 

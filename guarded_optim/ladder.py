@@ -180,9 +180,8 @@ class BackOff:
     trial until the next change (the last one, back to 1, for one interval): the first
     healthy step whose ``yhat`` is above its value at the growth undoes it at once (back to
     the scale and the reference from before it; the interval stays, the try cost a step or
-    two). A growth the probe had to reject
-    doubles the interval before the next try (up to 1000 steps): a cause that persists is
-    not probed every 10 steps. Measured on the natural suite's ``edge_of_stability``
+    two). A growth the probe had to reject doubles the interval before the next try (up to
+    1000 steps): a cause that persists is not probed every 10 steps. Measured on the natural suite's ``edge_of_stability``
     (``--quick``, 5 seeds, final probe loss / the reference's): 1.36x with the trial
     (per seed 1.48, 0.91, 0.93, 1.49, 2.00), 1.99x without it (3.01, 1.20, 1.91, 1.69,
     2.14; the grown scale's slow damage was let run to the interval's end, peak 3.1x, now

@@ -195,12 +195,15 @@ def test_no_snapshot_old_enough_says_so_and_carries_on(caplog):
     assert any("no verified state from before it is kept" in r.getMessage() for r in caplog.records)
 
 
-def train_with(seed, ladder=None, steps=300, **extra):
-    """``train`` with guard arguments of the test's choosing."""
+def train_with(seed, ladder=None, steps=300, watch=None, **extra):
+    """``train`` with guard arguments of the test's choosing; ``watch(opt, event)`` sees
+    every event with the guard that made it."""
     original = GuardedOptimizer.__init__
 
     def init(self, *a, **kw):
         original(self, *a, ladder=ladder, **extra, **kw)
+        if watch is not None:
+            self.callbacks.append(functools.partial(watch, self))
     GuardedOptimizer.__init__ = init
     try:
         return train(seed, True, steps)
@@ -258,25 +261,14 @@ def test_a_rewind_takes_the_reference_and_the_band_back_with_the_state():
     rise's innovations leave the windows that judge the next proposals."""
     seen = []
 
-    def check(opt):
-        def on_event(e):
-            if e.action and "rewind" in e.action:
-                entry = next(s for s in opt.ladder.rewind.ring if s.step == opt.safe_snapshot.step)
-                judges = entry.meta["judges"]
-                seen.append((opt.threshold.state_dict() == judges["band"],
-                              same([s.state_dict() for s in opt.signals], judges["signals"]),
-                              opt.yhat == entry.meta["yhat"], "judges" not in opt.safe_snapshot.meta))
-        return on_event
-    original = GuardedOptimizer.__init__
-
-    def init(self, *a, **kw):
-        original(self, *a, **kw)
-        self.callbacks.append(check(self))
-    GuardedOptimizer.__init__ = init
-    try:
-        train(0, True)
-    finally:
-        GuardedOptimizer.__init__ = original
+    def check(opt, e):
+        if e.action and "rewind" in e.action:
+            entry = next(s for s in opt.ladder.rewind.ring if s.step == opt.safe_snapshot.step)
+            judges = entry.meta["judges"]
+            seen.append((opt.threshold.state_dict() == judges["band"],
+                         same([s.state_dict() for s in opt.signals], judges["signals"]),
+                         opt.yhat == entry.meta["yhat"], "judges" not in opt.safe_snapshot.meta))
+    train_with(0, watch=check)
     assert seen and all(all(s) for s in seen), seen
 
 
@@ -357,25 +349,15 @@ def test_a_probe_that_stood_still_keeps_the_statistic_finite_and_the_checkpoint_
 def test_a_rewind_and_a_reach_back_never_return_into_each_others_damage():
     """With the budget's history on too, a rewind drops that history's entries from the
     rise (a later reach-back would land in it)."""
-    holder, checked = [], []
+    checked = []
 
-    def on_event(e):
+    def check(opt, e):
         if e.action and "rewind" in e.action:
-            opt = holder[0]
             checked.append([s.step for s in opt.snapshot_history if s.step > opt.safe_snapshot.step])
 
-    original = GuardedOptimizer.__init__
-
-    def init(self, *a, **kw):
-        original(self, *a, **kw)
-        holder.append(self)
-    GuardedOptimizer.__init__ = init
-    try:
-        train_with(0, history=4, checkpoint_every=5, callbacks=[on_event])
-    finally:
-        GuardedOptimizer.__init__ = original
+    _, opt, _ = train_with(0, history=4, checkpoint_every=5, watch=check)
     assert checked and all(later == [] for later in checked), checked
-    assert len(holder[0].snapshot_history) > 0   # the history was in use
+    assert len(opt.snapshot_history) > 0   # the history was in use
 
 
 def test_a_deep_copied_guard_keeps_its_history_and_an_old_checkpoint_starts_the_rung_afresh():

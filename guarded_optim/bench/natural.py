@@ -780,8 +780,8 @@ def _panel(ax, mine: dict[str, Curve], mech: Mechanism | None, span: tuple[int, 
 def figures(curves: dict[str, list[Curve]], out_dir: str) -> list[str]:
     """One PNG per mechanism, ``natural_<mechanism>.png``: the probe loss of every arm on the
     first seed (log axis when it spans more than a decade), rollbacks (o; a drift rewind
-    also a diamond) and skips (x) of the guarded arms marked on their curves, a stop marked with a square, the data event shaded;
-    where the event starts mid-run, a second panel zooms in on it. Returns the paths
+    also a diamond) and skips (x) of the guarded arms marked on their curves, a stop marked
+    with a square, the data event shaded; where the event starts mid-run, a second panel zooms in on it. Returns the paths
     written (none without matplotlib)."""
     try:
         import matplotlib
