@@ -12,6 +12,7 @@ from .fisher import (EWCPenalty, FisherDiagonal, FisherDrift, ImportanceWeighted
                      ewc_penalty, fisher_effective_rank, fisher_rao_distance, gradient_snr)
 from .guard import GuardedOptimizer
 from .innovation import FixedThreshold, RelativeThreshold, accepts, ewma, innovation
+from .badbatch import BadBatch
 from .drift import DriftDetector, Rewind, skip_ahead
 from .ladder import (BackOff, GuardStopped, Ladder, Quarantine, QuarantineSampler, RaiseEps, ReRun,
                      ResetMoments)
@@ -35,5 +36,5 @@ __all__ = [
     "CurvatureSpike", "hutchinson_trace", "hessian_lambda_max", "sam_sharpness",
     "LightningSink", "HFTrainerSink", "WandbSink", "MLflowSink",
     "Ladder", "GuardStopped", "ReRun", "Quarantine", "QuarantineSampler", "ResetMoments",
-    "BackOff", "RaiseEps", "Rewind", "DriftDetector", "skip_ahead",
+    "BackOff", "RaiseEps", "Rewind", "DriftDetector", "skip_ahead", "BadBatch",
 ]

@@ -14,7 +14,8 @@ state (a drift rewind's: an older one) bit for bit (Prop. 7.4); the RNG streams 
 with a fixed ``epsilon``, ``max_k y(theta_k) <= y(theta_0) + t * epsilon`` (Proposition
 7.5); a run in which the guard never intervenes is bit-identical to the bare optimizer's;
 a ``step()`` that raises leaves counters, parameters and state as they were.
-``max_consecutive_rejections=None, ladder=Ladder(None, backoff=None, rewind=None)``: Algorithm 1.
+``max_consecutive_rejections=None, ladder=Ladder(None, backoff=None, rewind=None, bad_batch=None)``:
+Algorithm 1.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from .events import StepEvent
 from .inner import (accelerator, global_step_hooks_muted, inner_step_count, lr_scale, on_meta,
                     propose)
 from .innovation import Threshold, accepts, ewma, innovation
-from .ladder import GuardStopped, Ladder, _plain_id
+from .ladder import GuardStopped, Ladder
 from .logs import RateLimitedLog, log_step, stop_message
 from .outcome import Action, Decision
 from .policy import RecoveryAction
@@ -46,19 +47,9 @@ from .signals import StepMeasurement, Verdict, global_grad_norm
 from .signals.probe import check_initial, measure_agreed, remote_probe_error, try_probe
 from .snapshot import Snapshot, SnapshotRing
 from .state import Cadence, Loaded, Pending, StepState, stat_names
+from .validation import batch_id as _batch_id, given_loss
 
 __all__ = ["GuardedOptimizer", "VERIFY_EVERY", "amp_unscale"]
-
-
-def _batch_id(x: Any) -> Any:
-    """``batch_id`` as the quarantine stores it (a list becomes a tuple), or ``TypeError``."""
-    if x is None:
-        return None
-    x = tuple(x) if isinstance(x, list) else x
-    if not _plain_id(x):
-        raise TypeError(f"batch_id must be an int, a str or a tuple of them, got "
-                        f"{type(x).__name__}; e.g. step(closure, batch_id=batch_index).")
-    return x
 
 
 def _view(path: str, doc: str) -> property:
@@ -343,13 +334,16 @@ class GuardedOptimizer(Optimizer):
 
     # -- step ------------------------------------------------------------------------------
     def step(self, closure: Callable[[], Any] | None = None, *,  # type: ignore[override]
-             batch_id: int | str | None = None) -> Any:
+             batch_id: int | str | None = None, loss: torch.Tensor | None = None) -> Any:
         """Propose, measure, then accept or roll back. Returns the closure's loss, if any.
 
+        ``loss``: without a closure, the loss the loop just backpropagated (``opt.step(loss=
+        loss)``, also through ``scaler.step(opt, loss=loss)``): read in the step's one
+        transfer, it lets the bad-batch rung (:mod:`.badbatch`) see a batch's loss spike.
+
         ``batch_id`` names the batch for the quarantine (:mod:`.ladder`): a quarantined batch
-        is skipped, and a persistent rejection quarantines it (without a ``batch_id`` nothing
-        is quarantined: a step index never comes again).
-        Raises :class:`GuardStopped` after committing a step that spent the escalation budget.
+        is skipped; a persistent rejection or a bad batch quarantines it (without an id,
+        nothing is). Raises :class:`GuardStopped` after committing a step that spent the budget.
         """
         args, kwargs = (self,), ({"closure": closure} if closure is not None else {})
         for hook in (*_global_optimizer_pre_hooks.values(), *self._optimizer_step_pre_hooks.values()):
@@ -367,7 +361,7 @@ class GuardedOptimizer(Optimizer):
                     loss = self.inner.step(closure)
                 rec = None
             else:
-                loss, rec = self._transaction(closure, _batch_id(batch_id))
+                loss, rec = self._transaction(closure, _batch_id(batch_id), given_loss(loss, closure))
             self._optimizer_step_code()
         if rec is None or rec.event.decision == Decision.ACCEPT.value:
             for hook in (*self._optimizer_step_post_hooks.values(), *_global_optimizer_post_hooks.values()):
@@ -384,7 +378,8 @@ class GuardedOptimizer(Optimizer):
     step = torch._disable_dynamo(step)
     step.hooked = True  # type: ignore[attr-defined]  # hooks run above, post-hooks on accept only
 
-    def _transaction(self, closure: Callable | None, batch_id: Any) -> tuple[Any, StepRecord]:
+    def _transaction(self, closure: Callable | None, batch_id: Any,
+                     loss: torch.Tensor | None = None) -> tuple[Any, StepRecord]:
         """One guarded step that either completes or leaves the guard as it was."""
         before = self.step_state.copy()
         try:   # what a construction or a load left, before the closure's forward: its own undo
@@ -394,7 +389,7 @@ class GuardedOptimizer(Optimizer):
             raise
         before = self.step_state.copy()
         try:
-            loss, rng_before = None, None
+            rng_before = None
             if closure is not None:
                 if self.ladder.rerun is not None and self.probe is not None:
                     rng_before = rng.capture()   # a re-run draws what this run draws
@@ -428,6 +423,8 @@ class GuardedOptimizer(Optimizer):
         if not self._cadence.measures(self.step_state.unverified):
             return self._accept_unmeasured(rec)       # 5a. provisional until verified
         self._measure_proposal(rec)                   # 5b. probe + post-step flags
+        if (ruling := self.ladder.judge_batch(self, rec)) is not None:   # 5c. a bad batch
+            return self._skip(rec, ruling)
         self._learn(rec.pre, rec.m, not rec.reasons,
                     [False] * len(rec.pre) if rec.overruled and not rec.reasons
                     else rec.reading.fired)
@@ -546,7 +543,7 @@ class GuardedOptimizer(Optimizer):
         return self._finish(rec, Decision.ACCEPT)
 
     def _skip(self, rec: StepRecord, ruling: Ruling) -> StepRecord:
-        """Decided before the proposal: nothing applied, nothing restored."""
+        """Nothing applied: decided before the proposal, or its proposal already undone."""
         for name in ruling.counters:
             self.step_state.stats[name] += 1
         self.step_state.stats["skipped"] += 1

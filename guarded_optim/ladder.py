@@ -38,6 +38,10 @@ Rungs, in order (each an event, a ``stats`` counter and a log record):
 5. **reach back** to an older verified state when ``history`` keeps one
    (``stats["escalations"]``); opt-in recovery actions act here too (``ReduceLR``,
    :class:`ResetMoments`).
+**bad batch** (:class:`~guarded_optim.badbatch.BadBatch`, with a probe and the step's loss) -- a
+   measured one-step proposal the band accepted, on a batch whose training loss spiked, that
+   did not lower the probe beyond its noise: undone and skipped, the batch quarantined, the
+   loop told to skip ahead (:mod:`.badbatch`).
 **rewind** (:class:`~guarded_optim.drift.Rewind`, with a probe) -- a slow rise of accepted
    probe measurements that no single step showed: back to a verified state from before its
    onset, its batches quarantined, the loop told to skip ahead (:mod:`.drift`).
@@ -63,6 +67,7 @@ from typing import Any, Callable, Hashable, Iterator
 import torch
 
 from . import rng
+from .badbatch import BadBatch
 from .drift import Rewind, go_back
 from .validation import plain_id as _plain_id
 from .outcome import Action, RerunOutcome
@@ -448,6 +453,8 @@ class Ladder:
             ``opt.stopped``), ``"raise"`` (:class:`GuardStopped`) or ``"rebaseline"``.
         backoff: the healing rung, a :class:`BackOff` (default), or ``None``.
         raise_eps: the float16 healing rung, a :class:`RaiseEps` (default), or ``None``.
+        bad_batch: the bad-batch rung, a :class:`~guarded_optim.badbatch.BadBatch` (default,
+            with a probe and the step's loss: a closure or ``step(loss=...)``), or ``None``.
         rewind: the slow-damage rung, a :class:`~guarded_optim.drift.Rewind` (default,
             with a probe: a drift alarm goes back to a verified state from before the
             rise's onset, quarantines and skips ahead), or ``None``.
@@ -466,7 +473,7 @@ class Ladder:
     def __init__(self, rerun: ReRun | None = ReRun(), quarantine: Quarantine | None = None,
                  on_exhausted: str = "hold", overrule: int | None = None,
                  backoff: BackOff | None = BackOff(), raise_eps: RaiseEps | None = RaiseEps(),
-                 rewind: Rewind | None = Rewind()):
+                 rewind: Rewind | None = Rewind(), bad_batch: BadBatch | None = BadBatch()):
         self.overrule = Overrule(overrule) if overrule is not None else None
         if rerun is not None and not isinstance(rerun, ReRun):
             raise TypeError(f"rerun must be a ReRun() or None, got {rerun!r}.")
@@ -483,6 +490,9 @@ class Ladder:
         if rewind is not None and not isinstance(rewind, Rewind):
             raise TypeError(f"rewind must be a Rewind() or None, got {rewind!r}.")
         self.rewind = copy.deepcopy(rewind)
+        if bad_batch is not None and not isinstance(bad_batch, BadBatch):
+            raise TypeError(f"bad_batch must be a BadBatch() or None, got {bad_batch!r}.")
+        self.bad_batch = copy.deepcopy(bad_batch)
 
     def heal(self, guard, reasons: list[str]) -> list[Action]:
         """The healing rungs after a rollback: what they changed in what is proposed next.
@@ -497,6 +507,13 @@ class Ladder:
             st.stats["eps_raised"] += 1
             done.append(Action.RAISE_EPS)
         return done
+
+    def judge_batch(self, guard, rec):
+        """The bad-batch rung on a measured proposal the band accepted (``rec``): a
+        :class:`~guarded_optim.rules.Ruling` when the batch is bad (its proposal undone)."""
+        if self.bad_batch is None or rec.reasons:
+            return None
+        return self.bad_batch.judge(guard, rec)
 
     def lr_scale(self) -> float:
         """The healing rung's LR multiplier (1.0 without one)."""
@@ -519,6 +536,8 @@ class Ladder:
             sd["backoff"] = self.backoff.state_dict()
         if self.rewind is not None:
             sd["rewind"] = self.rewind.state_dict()
+        if self.bad_batch is not None:
+            sd["bad_batch"] = self.bad_batch.state_dict()
         return sd
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -530,9 +549,14 @@ class Ladder:
             self.rewind.load_state_dict(state["rewind"])
         elif self.rewind is not None:   # a checkpoint from before the drift rung: afresh
             self.rewind.reset()
+        if self.bad_batch is not None and "bad_batch" in state:
+            self.bad_batch.load_state_dict(state["bad_batch"])
+        elif self.bad_batch is not None:   # a checkpoint from before the bad-batch rung
+            self.bad_batch.reset()
 
     def __repr__(self) -> str:
         return (f"Ladder(rerun={self.rerun!r}, quarantine={self.quarantine!r}, "
                 f"on_exhausted={self.on_exhausted!r}, overrule={self.overrule!r}, "
-                f"backoff={self.backoff!r}, rewind={self.rewind!r}, budget={self.budget!r}, "
+                f"backoff={self.backoff!r}, rewind={self.rewind!r}, bad_batch={self.bad_batch!r}, "
+                f"budget={self.budget!r}, "
                 f"reach_back={self.reach_back!r})")

@@ -107,7 +107,8 @@ def stat_names(signals: list) -> list[str]:
             "rebaselines", "escapes", "skipped_amp_overflow", "reruns", "transient",
             "persistent", "quarantined", "skipped_quarantined", "stops", "overruled",
             "batch_loss_spikes", "checkpoint_mismatches", "backoffs", "eps_raised",
-            "skipped_stopped", "rewinds", "drift_rebased", "drift_unrewound",
+            "skipped_stopped", "rewinds", "drift_rebased", "drift_unrewound", "bad_batches",
+            "bad_batch_rebased",
             *(f"skipped_{s.name}" for s in signals if s.verdict is Verdict.SKIP),
             *(f"failures_{s.name}" for s in signals if s.verdict is Verdict.FAILURE)]
 

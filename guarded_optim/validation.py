@@ -12,6 +12,8 @@ import math
 import numbers
 from typing import Any, Callable, Iterable
 
+import torch
+
 __all__ = ["real", "integer", "instance", "items"]
 
 
@@ -20,6 +22,31 @@ def plain_id(x: Any) -> bool:
     if isinstance(x, tuple):
         return all(isinstance(i, (int, str)) and not isinstance(i, bool) for i in x)
     return isinstance(x, (int, str)) and not isinstance(x, bool)
+
+
+def batch_id(x: Any) -> Any:
+    """``batch_id`` as the quarantine stores it (a list becomes a tuple), or ``TypeError``."""
+    if x is None:
+        return None
+    x = tuple(x) if isinstance(x, list) else x
+    if not plain_id(x):
+        raise TypeError(f"batch_id must be an int, a str or a tuple of them, got "
+                        f"{type(x).__name__}; e.g. step(closure, batch_id=batch_index).")
+    return x
+
+
+def given_loss(loss: Any, closure: Any) -> Any:
+    """``step(loss=...)`` as the guard reads it: a tensor (a number becomes one), only
+    without a closure (the closure's own loss is the one read then); else ``TypeError``."""
+    if loss is None:
+        return None
+    if closure is not None:
+        raise TypeError("step() got both a closure and loss=; pass loss= only without a "
+                        "closure (the closure's loss is read already).")
+    if isinstance(loss, bool) or not isinstance(loss, (torch.Tensor, numbers.Real)):
+        raise TypeError(f"step(loss=...) must be the loss tensor (or a number), got "
+                        f"{type(loss).__name__}; e.g. opt.step(loss=loss) after loss.backward().")
+    return loss if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
 
 
 def real(name: str, value: Any, *, low: float | None = None, high: float | None = None,

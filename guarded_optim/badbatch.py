@@ -1,0 +1,154 @@
+"""Bad batches: the fast half of the bad-data story (:mod:`.drift` is the slow half).
+
+A shard of mislabelled examples does its damage in a few steps: on the natural suite's
+digits MLP the probe loss doubles within 4 bad steps, each step inside the innovation band
+(its rise is 0.06-0.15 where the band allows 0.33-0.97: early on, and whenever the probe
+falls fast, a fixed probe's innovations are wide), and the drift detector needs 8 to 12
+steps to be sure. What the probe alone cannot tell quickly the batch tells at once: a model
+that fits its data meets a mislabelled batch with a training loss 15-35x the recent ones.
+
+Neither sign is enough alone. A training-loss spike is also fresh data after a memorised
+shard, the first batch of a new task or curriculum stage, a hard batch; a probe that rises
+for one step is noise half the time. Both at once is what bad data looks like: the batch
+is far from what the model has been fitting, *and* fitting it made the held-out loss worse.
+:class:`BadBatch` asks for both. After the band accepted a measured proposal that is the
+only unverified step, the batch is *suspect* when its training loss (read in the step's one
+transfer, measured on the verified state before the update) spiked (:class:`LossSpike`'s
+rule: more than ``factor - 1`` window magnitudes above the largest of the last ``window``
+applied losses of the same gradient signature); a suspect batch whose proposal raised the
+probe above its reference (``nu > 0``) is not applied: the proposal is undone (the state is
+the verified one it started from), the step is a SKIP with reason ``"bad_batch"``
+(``stats["bad_batches"]``, a log record), its ``batch_id`` is quarantined, and the loop is
+told to skip ahead (``StepEvent.skip_batches``): ``2 ** (n - 1) - 1`` batches at the
+``n``-th such skip in a row (0 for a lone bad batch; 63 batches passed after 6, PaLM skipped
+200-500). A suspect batch that lowered the probe is new data the model should learn (a
+curriculum's next stage, fresh data): applied, and its loss joins the window.
+
+Honest change that raises the probe (a probe that covers only the old task) would be
+skipped for ever; after ``patience`` skips in a row the next suspect batch is applied and
+its loss learnt (``stats["bad_batch_rebased"]``, WARNING), and the drift rung judges what
+follows.
+
+Measured (numbers in README and CHANGELOG): see the ``bench --suite natural`` rows
+``data_mislabel`` and the clean workloads of ``tests/test_clean_workloads.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from . import validation
+from .outcome import Decision
+from .rules import Ruling
+from .signals.loss import LossSpike
+
+__all__ = ["BadBatch"]
+
+
+class BadBatch:
+    """The bad-batch rung (see the module docstring): ``spike`` judges the batch's training
+    loss, the probe its update; ``patience`` skips in a row before a suspect level is
+    taken as the data's own."""
+
+    name = "bad_batch"
+
+    def __init__(self, spike: LossSpike | None = None, patience: int = 8):
+        if spike is not None and not isinstance(spike, LossSpike):
+            raise TypeError(f"spike must be a LossSpike() or None, got {spike!r}.")
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"Invalid patience={patience!r}; need an int >= 1.")
+        self.spike = spike if spike is not None else LossSpike()
+        self.patience = patience
+        self.streak = 0          # suspect batches skipped in a row
+        self.base: tuple[int, float] | None = None   # (step verified at, its probe loss)
+
+    def judge(self, guard, rec) -> Ruling | None:
+        """A measured proposal the band accepted (``rec``). A :class:`Ruling` (SKIP): the
+        batch is bad, the proposal already undone; ``None``: it goes on to be accepted, and
+        its loss joins the window."""
+        if rec.undone != 1 or rec.m.loss_value is None:   # not one batch's own update
+            self.streak = 0
+            return None
+        suspect = self.spike.judge(rec.m)
+        if not suspect or rec.y < self._base(guard, rec) - self._spread(guard):
+            self.streak = 0
+            self.spike.observe(rec.m, True, False)
+            self.base = (rec.t + 1, rec.y)   # the probe of the state verified next
+            return None
+        if self.streak >= self.patience:
+            self._carry_on(guard, rec)
+            return None
+        self.streak += 1
+        self._skip(guard, rec)
+        return Ruling(Decision.SKIP, (self.name,), ("bad_batches",))
+
+    def _base(self, guard, rec) -> float:
+        """The probe loss of the state the proposal started from: measured when it was
+        accepted, if that is the verified state now; else the reference ``yhat``."""
+        step, y = self.base if self.base is not None else (None, None)
+        return y if step == guard.safe_snapshot.step else rec.y - rec.nu
+
+    @staticmethod
+    def _spread(guard) -> float:
+        """How far the probe moves per step by chance (the band's ``s_t``; 0 with a
+        threshold that does not measure it)."""
+        return getattr(guard.threshold, "spread", lambda: 0.0)()
+
+    def _skip(self, guard, rec) -> None:
+        """Undo the proposal, quarantine the batch, tell the loop how far to skip ahead."""
+        st = guard.step_state
+        self.spike.observe(rec.m, False, True)
+        guard._learn(rec.pre, rec.m, False, rec.reading.fired)   # the step is not kept
+        guard._restore()
+        if rec.batch_id is not None:
+            st.stats["quarantined"] += guard.ladder.quarantine.add(rec.batch_id)
+        rec.event.skip_batches = max(rec.event.skip_batches, 2 ** (self.streak - 1) - 1)
+        guard._log("bad_batch", logging.WARNING, "step %d: the batch's training loss %.4g "
+                   "spiked and its update did not lower the probe loss beyond its noise "
+                   "(%.4g, from %.4g): a bad batch, not applied%s; the loop skips %d batches "
+                   "(StepEvent.skip_batches); opt.stats['bad_batches'] counts it", rec.t,
+                   rec.m.loss_value, rec.y, self._base(guard, rec),
+                   "" if rec.batch_id is None else f", batch {rec.batch_id!r} quarantined",
+                   rec.event.skip_batches)
+
+    def _carry_on(self, guard, rec) -> None:
+        """``patience`` suspect batches in a row: this one is applied and its loss learnt."""
+        guard.step_state.stats["bad_batch_rebased"] += 1
+        guard._log("bad_batch_rebased", logging.WARNING, "step %d: %d suspect batches in a "
+                   "row were skipped; the batches' new loss level (%.4g) is taken as the "
+                   "data's own and training goes on (the drift rung judges what follows)",
+                   rec.t, self.streak, rec.m.loss_value)
+        self.streak = 0
+        self.spike.observe(rec.m, True, False)
+        self.base = (rec.t + 1, rec.y)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"spike": self.spike.state_dict(), "streak": self.streak,
+                "base": None if self.base is None else list(self.base)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Checked first, then committed: a bad state changes nothing."""
+        if not isinstance(state, dict) or "spike" not in state:
+            raise ValueError("bad_batch state lacks 'spike'; save it with state_dict().")
+        streak = validation.integer("bad_batch state['streak']", state.get("streak", 0))
+        base = state.get("base")
+        if base is not None:
+            if not isinstance(base, (list, tuple)) or len(base) != 2:
+                raise ValueError(f"bad_batch state['base'] is {base!r}; expected None or "
+                                 "[step, probe loss].")
+            base = (validation.integer("bad_batch state['base'][0]", base[0]),
+                    validation.real("bad_batch state['base'][1]", base[1]))
+        spike = LossSpike(self.spike.factor, self.spike.window, self.spike.warmup,
+                          self.spike.max_keys)
+        spike.load_state_dict(state["spike"])
+        self.spike, self.streak, self.base = spike, streak, base
+
+    def reset(self) -> None:
+        """Fresh: no window, no streak (a checkpoint from before this rung)."""
+        self.spike.rebase()
+        self.streak, self.base = 0, None
+
+    def __repr__(self) -> str:
+        return f"BadBatch({self.spike!r}, patience={self.patience})"
+

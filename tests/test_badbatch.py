@@ -1,0 +1,200 @@
+"""Bad batches (issue 23, the fast half): a batch whose loss spikes and whose update raises
+the probe is not applied, its id quarantined, the loop told to skip ahead; a suspect batch
+that lowers the probe is new data and is learnt."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from guarded_optim import GuardedOptimizer, Ladder, skip_ahead
+from guarded_optim.badbatch import BadBatch
+from guarded_optim.signals import LossSpike
+from test_drift import BAD, digits, loader, same
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def mlp(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                         nn.Linear(64, 10))
+
+
+def train(seed: int, guarded: bool = True, steps: int = 300, how: str = "loss", **kw):
+    """The ordinary loop over test_drift's stream (a mislabelled shard at ``BAD``), handing
+    the guard its loss: ``opt.step(loss=loss)`` (``how="loss"``) or a closure."""
+    model = mlp(seed)
+    data, (xp, yp) = loader(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    if guarded:
+        opt = GuardedOptimizer(opt, lambda: F.cross_entropy(model(xp), yp), module=model, **kw)
+    events = []
+    batches = skip_ahead(data, opt) if guarded else enumerate(data)
+    for _, (i, (x, y)) in zip(range(steps), batches):
+        def closure(x=x, y=y):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+        if not guarded:
+            closure()
+            opt.step()
+            continue
+        if how == "closure":
+            opt.step(closure, batch_id=i)
+        else:
+            opt.step(batch_id=i, loss=closure())
+        events.append(opt.last_event)
+    with torch.no_grad():
+        return F.cross_entropy(model(xp), yp).item(), opt, events
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_mislabelled_shard_is_skipped_quarantined_and_skipped_past(seed, caplog):
+    bare, _, _ = train(seed, guarded=False)
+    with caplog.at_level(logging.WARNING, logger="guarded_optim"):
+        guarded, opt, events = train(seed)
+    bad = [e for e in events if e.decision != "accept"]
+    assert bad and all(e.decision == "skip" and e.reason == "bad_batch" for e in bad), bad
+    assert bad[0].step == BAD.start                 # the first bad batch, not a step later
+    assert [e.skip_batches for e in bad] == [2 ** k - 1 for k in range(len(bad))]
+    assert 1 + sum(1 + e.skip_batches for e in bad) >= len(BAD)   # the loop is past the shard
+    assert opt.stats["bad_batches"] == opt.stats["skipped"] == len(bad)
+    assert opt.stats["rollbacks"] == 0 and opt.stats["rewinds"] == 0
+    assert set(opt.ladder.quarantine.state_dict()["ids"]) == {e.batch_id for e in bad}
+    assert all(e.batch_id in BAD for e in bad)
+    assert any("a bad batch, not applied" in r.getMessage() for r in caplog.records)
+    assert guarded < 0.7 * bare, (guarded, bare)
+
+
+def test_a_closure_and_loss_keyword_decide_alike():
+    a, opt_a, ev_a = train(0, steps=160, how="loss")
+    b, opt_b, ev_b = train(0, steps=160, how="closure")
+    assert [(e.decision, e.reason, e.skip_batches) for e in ev_a] == \
+        [(e.decision, e.reason, e.skip_batches) for e in ev_b]
+    assert a == b
+
+
+def test_without_the_loss_the_rung_is_blind_and_the_drift_rung_acts():
+    """``opt.step()`` after ``loss.backward()`` tells the guard no loss: the slow half
+    (a drift rewind) is what remains."""
+    from test_drift import train as closure_less
+    _, opt, _ = closure_less(0, True)
+    assert opt.stats["bad_batches"] == 0 and opt.stats["rewinds"] >= 1
+
+
+def test_the_rung_off_leaves_the_shard_to_the_drift_rung():
+    _, opt, events = train(0, ladder=Ladder(bad_batch=None))
+    assert opt.stats["bad_batches"] == 0 and opt.stats["rewinds"] >= 1
+    assert not any(e.reason == "bad_batch" for e in events)
+
+
+# -- honest change -----------------------------------------------------------------------------
+def curriculum(seed: int, probe_classes, steps: int = 260, switch: int = 150):
+    """Digits 0-4, then 5-9 from ``switch``: every batch of the second stage spikes."""
+    x, y = digits()
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(x), generator=g)
+    xp, yp, xt, yt = x[order[:256]], y[order[:256]], x[order[256:]], y[order[256:]]
+    keep = torch.isin(yp, torch.tensor(list(probe_classes)))
+    xp, yp = xp[keep], yp[keep]
+    pools = torch.nonzero(yt < 5).flatten(), torch.nonzero(yt >= 5).flatten()
+    batches = [pools[i >= switch][torch.randint(len(pools[i >= switch]), (32,), generator=g)]
+               for i in range(steps * 3)]
+    model = mlp(seed)
+    opt = GuardedOptimizer(torch.optim.AdamW(model.parameters(), lr=3e-3),
+                           lambda: F.cross_entropy(model(xp), yp), module=model)
+    events = []
+    for _, (i, idx) in zip(range(steps), skip_ahead(batches, opt)):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(xt[idx]), yt[idx])
+        loss.backward()
+        opt.step(batch_id=i, loss=loss)
+        events.append(opt.last_event)
+    return opt, events
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_new_stage_the_probe_covers_is_learnt_not_skipped(seed):
+    opt, events = curriculum(seed, range(10))
+    assert opt.stats["bad_batches"] == 0
+    assert all(e.decision == "accept" for e in events[150:160])
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_stage_the_probe_does_not_cover_is_taken_as_the_datas_own_after_patience(seed, caplog):
+    """A probe of digits 0-4 alone calls every 5-9 batch damage: ``patience`` skips, then
+    the new level is learnt, said at WARNING (the drift rung judges what follows)."""
+    with caplog.at_level(logging.WARNING, logger="guarded_optim"):
+        opt, events = curriculum(seed, range(5))
+    skips = [e.step for e in events if e.reason == "bad_batch"]
+    assert skips == list(range(150, 158))
+    assert opt.stats["bad_batch_rebased"] == 1
+    assert events[158].decision != "skip" or events[158].reason != "bad_batch"
+    assert any("taken as the data's own" in r.getMessage() for r in caplog.records)
+
+
+# -- state, settings, input --------------------------------------------------------------------
+def test_state_dict_round_trips_through_weights_only_and_an_older_checkpoint_loads():
+    _, opt, _ = train(0, steps=123)                  # mid-streak: three skips so far
+    sd = opt.state_dict()
+    assert sd["guard"]["ladder"]["bad_batch"]["streak"] == 3
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    _, fresh, _ = train(0, steps=1)
+    fresh.load_state_dict(loaded)
+    assert same(fresh.ladder.bad_batch.state_dict(), opt.ladder.bad_batch.state_dict())
+    assert fresh.ladder.bad_batch.streak == 3
+    old = opt.ladder.state_dict()
+    del old["bad_batch"]
+    fresh.ladder.load_state_dict(old)
+    assert fresh.ladder.bad_batch.streak == 0 and not fresh.ladder.bad_batch.spike.references
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("streak", -1, r"bad_batch state\['streak'\]"),
+    ("base", [1], r"bad_batch state\['base'\]"),
+    ("base", [1, float("nan")], r"bad_batch state\['base'\]\[1\]"),
+    ("spike", {"keys": ["a"], "buffers": torch.zeros(2, 50), "counts": [1], "used": [1]},
+     "LossSpike state"),
+])
+def test_a_bad_field_is_named_and_nothing_changes(key, value, match):
+    _, opt, _ = train(0, steps=122)
+    rung = opt.ladder.bad_batch
+    before = rung.state_dict()
+    with pytest.raises(ValueError, match=match):
+        rung.load_state_dict({**before, key: value})
+    assert same(rung.state_dict(), before)
+
+
+def test_bad_settings_and_input_are_refused():
+    with pytest.raises(ValueError, match="patience"):
+        BadBatch(patience=0)
+    with pytest.raises(TypeError, match="spike must be a LossSpike"):
+        BadBatch(spike="x")
+    with pytest.raises(TypeError, match="bad_batch must be a BadBatch"):
+        Ladder(bad_batch=3)
+    model = mlp(0)
+    opt = GuardedOptimizer(torch.optim.AdamW(model.parameters()), lambda: torch.tensor(1.0))
+    loss = model(torch.ones(1, 64)).sum()
+    with pytest.raises(TypeError, match="both a closure and loss="):
+        opt.step(lambda: loss, loss=loss)
+    with pytest.raises(TypeError, match=r"step\(loss=...\) must be the loss tensor"):
+        opt.step(loss="x")
+    assert opt.stats["steps"] == 0
+    assert repr(BadBatch(LossSpike(factor=4.0), patience=5)).startswith("BadBatch(LossSpike(")
+
+
+def test_probe_every_two_leaves_multi_step_proposals_to_the_band_and_drift():
+    """The rung judges one batch's own update; a measured proposal that carries two steps
+    is not one batch's."""
+    _, opt, _ = train(0, probe_every=2)
+    assert opt.stats["bad_batches"] == 0
