@@ -44,8 +44,9 @@ if os.path.exists("ckpt.pt"):                      # resume: the model first, th
 for epoch in range(start, epochs):
     for xb, yb in loader:                          # a plain loop: nothing else changes
         opt.zero_grad()
-        F.cross_entropy(model(xb), yb).backward()
-        opt.step()                                 # accepted, skipped or rolled back
+        loss = F.cross_entropy(model(xb), yb)
+        loss.backward()
+        opt.step(loss=loss)                        # accepted, skipped or rolled back
         sched.step()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
                 "sched": sched.state_dict(), "epoch": epoch}, "ckpt.pt")

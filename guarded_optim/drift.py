@@ -240,11 +240,13 @@ class Rewind:
         return True
 
     def _push(self, guard) -> None:
-        """Copy the verified state into the history, with the band's and the signals'
-        state it was judged by."""
+        """Copy the verified state into the history, with the band's, the signals' and the
+        bad-batch rung's state it was judged by."""
         self.ring.push(guard.safe_snapshot)
+        bad = guard.ladder.bad_batch
         judges = {"band": guard.threshold.state_dict(),
-                  "signals": [s.state_dict() for s in guard.signals]}
+                  "signals": [s.state_dict() for s in guard.signals],
+                  "bad_batch": None if bad is None else bad.state_dict()}
         list(self.ring)[-1].meta["judges"] = copy.deepcopy(judges)
         self.repeats = self.since = 0
 
@@ -261,6 +263,8 @@ class Rewind:
             guard.threshold.load_state_dict(copy.deepcopy(judges["band"]))
             for s, state in zip(guard.signals, copy.deepcopy(judges["signals"])):
                 s.load_state_dict(state)
+            if guard.ladder.bad_batch is not None and judges.get("bad_batch") is not None:
+                guard.ladder.bad_batch.load_state_dict(copy.deepcopy(judges["bad_batch"]))
         self.since = 0
         self.detector.rebase(st.yhat)
         rec.event.skip_batches = max(rec.event.skip_batches,

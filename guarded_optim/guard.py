@@ -335,11 +335,10 @@ class GuardedOptimizer(Optimizer):
     # -- step ------------------------------------------------------------------------------
     def step(self, closure: Callable[[], Any] | None = None, *,  # type: ignore[override]
              batch_id: int | str | None = None, loss: torch.Tensor | None = None) -> Any:
-        """Propose, measure, then accept or roll back. Returns the closure's loss, if any.
-
-        ``loss``: without a closure, the loss the loop just backpropagated (``opt.step(loss=
-        loss)``, also through ``scaler.step(opt, loss=loss)``): read in the step's one
-        transfer, it lets the bad-batch rung (:mod:`.badbatch`) see a batch's loss spike.
+        """Propose, measure, then accept or roll back. Returns the closure's loss (or
+        ``loss``), if any. ``loss``: without a closure, the loss the loop just backpropagated
+        (``opt.step(loss=loss)``, also ``scaler.step(opt, loss=loss)``): read in the step's
+        one transfer, it lets the bad-batch rung (:mod:`.badbatch`) see a batch's loss spike.
 
         ``batch_id`` names the batch for the quarantine (:mod:`.ladder`): a quarantined batch
         is skipped; a persistent rejection or a bad batch quarantines it (without an id,
@@ -400,6 +399,8 @@ class GuardedOptimizer(Optimizer):
             failed, self.step_state = self.step_state, before
             if failed.restores != before.restores:   # it rolled back: the live state is verified
                 before.unverified, before.live_is_safe = 0, True
+            elif failed.unverified > before.unverified and self._uses_snapshots and self._safe.captured:
+                self._restore()   # a proposal left unmeasured: back to the verified state
             raise
 
     def _guarded_step(self, loss: Any, closure: Callable | None, batch_id: Any,
@@ -423,8 +424,8 @@ class GuardedOptimizer(Optimizer):
         if not self._cadence.measures(self.step_state.unverified):
             return self._accept_unmeasured(rec)       # 5a. provisional until verified
         self._measure_proposal(rec)                   # 5b. probe + post-step flags
-        if (ruling := self.ladder.judge_batch(self, rec)) is not None:   # 5c. a bad batch
-            return self._skip(rec, ruling)
+        if rec.bad_batch is not None:                 # 5c. a bad batch: undone, skipped
+            return self._skip(rec, rec.bad_batch)
         self._learn(rec.pre, rec.m, not rec.reasons,
                     [False] * len(rec.pre) if rec.overruled and not rec.reasons
                     else rec.reading.fired)
@@ -486,8 +487,8 @@ class GuardedOptimizer(Optimizer):
 
     def _measure_proposal(self, rec: StepRecord) -> None:
         """Phase 5b: probe and post-step flags of the live proposal, agreed over the ranks
-        in one transfer, into ``rec`` (``y``, ``nu``, ``reasons``); the post-step signals
-        learn from it."""
+        in one transfer, into ``rec`` (``y``, ``nu``, ``reasons``, and the bad-batch rung's
+        ruling, which undoes the proposal); the post-step signals learn from it."""
         post, after = self._post, rec.m.after_proposal()
         post_flags = [s.measure(after) for s in post]
         raw, error = try_probe(self.probe, self.module)
@@ -506,7 +507,8 @@ class GuardedOptimizer(Optimizer):
         rec.event.y, rec.event.yhat, rec.event.innovation, rec.event.threshold = y, st.yhat, nu, eps
         rec.y, rec.nu, rec.after, rec.post_fired = y, nu, after, post_fired
         rec.reasons = fired_names(post, post_fired) + ([] if accepts(nu, eps) else ["probe"])
-        self._learn(post, after, not rec.reasons, post_fired)
+        rec.bad_batch = self.ladder.judge_batch(self, rec)   # the band let it in: the batch?
+        self._learn(post, after, not rec.reasons and rec.bad_batch is None, post_fired)
 
     def _accept_unmeasured(self, rec: StepRecord) -> StepRecord:
         """Phase 5a: applied, verified later (with ``probe_every=k > 1`` and no probe, the

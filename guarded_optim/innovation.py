@@ -202,7 +202,7 @@ class NoiseBand:
         med, scale = noise_band(self.values)
         return min(cap, max(med + self.k * scale, self.floor * (self.relative.scale or 0.0)))
 
-    def spread(self) -> float:
+    def noise(self) -> float:
         """``s_t``, the scale of the accepted innovations (0 until ``warmup`` were accepted):
         how much the probe moves per accepted step for no reason anyone would act on."""
         return noise_band(self.values)[1] if len(self.values) >= self.warmup else 0.0

@@ -27,8 +27,8 @@ Rungs, in order (each an event, a ``stats`` counter and a log record):
    started on. The RNG streams then continue from where the first run left them:
    re-running never rewinds the data stream.
 3. **roll back** to the last verified state (``stats["rollbacks"]``).
-4. **quarantine** (:class:`Quarantine`) -- a persistent rejection records the batch's
-   identity (``step(closure, batch_id=...)``; without one nothing is recorded) in the
+4. **quarantine** (:class:`Quarantine`) -- a persistent rejection (or a bad batch, or a
+   drift rewind's stretch) records the batch's identity (``step(closure, batch_id=...)``; without one nothing is recorded) in the
    guard's state; a step whose ``batch_id`` is quarantined is skipped before anything is
    proposed (``stats["skipped_quarantined"]``), and
    :class:`QuarantineSampler` leaves quarantined batches out of later epochs and resumed

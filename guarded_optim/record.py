@@ -100,6 +100,7 @@ class StepRecord:
     post_fired: list[bool] = field(default_factory=list)
     undone: int = 0                  # applied, unverified steps a rollback undid
     drift: Any = None                # a :class:`~guarded_optim.drift.DriftAlarm` seen this step
+    bad_batch: Any = None            # the bad-batch rung's ruling (its proposal undone)
 
     @property
     def t(self) -> int:

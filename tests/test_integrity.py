@@ -16,7 +16,7 @@ from torch import nn
 
 import tiny
 from guarded_optim.ladder import Ladder
-from guarded_optim import (FixedThreshold, GuardedOptimizer, NonFinite,
+from guarded_optim import (FixedThreshold, GuardedOptimizer, NonFinite, NonFiniteWeights,
                            RelativeThreshold, ReduceLR)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -340,6 +340,35 @@ def test_a_failed_signal_measurement_leaves_counters_as_they_were():
         opt.step(tiny.closure_for(opt, m, *batches[0]))
     assert opt.step_state.t == 0 and opt.stats["steps"] == 0
     assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+
+
+def test_a_failure_after_the_proposal_leaves_the_verified_state_live():
+    """A post-step signal that raises while the proposal is measured: the proposal is not
+    left live with the counters saying "verified"."""
+    m = tiny.model(0)
+    probe_set, batches = tiny.data(0, steps=3)
+
+    class BrokenAfter(NonFiniteWeights):
+        name = "broken_after"
+
+        def measure(self, meas):
+            if broken:
+                raise RuntimeError("signal broke")
+            return super().measure(meas)
+
+    broken = False
+    opt = GuardedOptimizer(torch.optim.AdamW(m.parameters(), lr=1e-2),
+                           tiny.probe_for(m, probe_set), module=m, signals=[BrokenAfter()])
+    opt.step(tiny.closure_for(opt, m, *batches[0]))
+    before = [p.detach().clone() for p in m.parameters()]
+    broken = True
+    with pytest.raises(RuntimeError, match="signal broke"):
+        opt.step(tiny.closure_for(opt, m, *batches[1]))
+    assert opt.step_state.t == 1 and opt.step_state.unverified == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+    broken = False
+    opt.step(tiny.closure_for(opt, m, *batches[1]))
+    assert opt.last_decision == "accept" and opt.step_state.t == 2
 
 
 # -- 8. clear errors ------------------------------------------------------------------------
