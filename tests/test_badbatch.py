@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import io
+import itertools
 import logging
 
 import pytest
@@ -105,6 +106,18 @@ def test_under_another_threshold_any_fall_lets_a_suspect_batch_in(threshold):
     _, opt, events = train(0, steps=130, threshold=threshold)
     assert len(events) == 130 and opt.ladder.bad_batch.spike.references
     assert events[BAD.start].decision == "accept" and opt.stats["bad_batches"] == 0
+
+
+def test_while_the_ladder_heals_the_rung_stands_aside_and_learns():
+    """A back-off in force (LR scale < 1): the optimizer is being treated, not the data."""
+    def watch(opt, model):
+        def callback(event):
+            if event.step == BAD.start - 2:
+                opt.ladder.backoff.scale = 0.5
+        opt.callbacks.append(callback)
+    _, opt, events = train(0, steps=BAD.start + 3, watch=watch)
+    assert not any(e.reason == "bad_batch" for e in events)
+    assert events[BAD.start].lr_scale == 0.5
 
 
 def test_a_closure_and_loss_keyword_decide_alike():
@@ -240,3 +253,69 @@ def test_probe_every_two_leaves_multi_step_proposals_to_the_band_and_drift():
     is not one batch's."""
     _, opt, _ = train(0, probe_every=2)
     assert opt.stats["bad_batches"] == 0
+
+
+def _loop(model, opt, data, start, stop, events):
+    """The user's loop from batch ``start`` on, handing the guard its loss and honouring
+    the skip, until ``stop`` steps; returns where a resumed loop starts."""
+    for i, (x, y) in skip_ahead(itertools.islice(data, start, None), opt):
+        if opt.stats["steps"] == stop:
+            return start + i
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step(batch_id=start + i, loss=loss)
+        events.append(opt.last_event)
+
+
+def test_a_run_resumed_in_the_middle_of_the_shard_skips_exactly_as_the_uninterrupted_one(tmp_path):
+    """Checkpoint after the shard's second skip (torch.save, weights_only load), resume in
+    fresh objects: the streak is in the state_dict, so the skips ahead double on as before
+    and the run ends bit-identical to the uninterrupted one."""
+    data, (xp, yp) = loader(0)
+
+    def build():
+        model = mlp(0)
+        return model, GuardedOptimizer(torch.optim.AdamW(model.parameters(), lr=3e-3),
+                                       lambda: F.cross_entropy(model(xp), yp), module=model)
+    whole, opt = build()
+    events: list = []
+    _loop(whole, opt, data, 0, 200, events)
+    assert opt.stats["bad_batches"] == 6
+
+    first, opt1 = build()
+    at = _loop(first, opt1, data, 0, BAD.start + 2, [])
+    assert opt1.ladder.bad_batch.streak == 2
+    torch.save({"model": first.state_dict(), "opt": opt1.state_dict(), "batch": at},
+               tmp_path / "ckpt.pt")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    resumed, opt2 = build()
+    resumed.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    later: list = []
+    _loop(resumed, opt2, data, ckpt["batch"], 200, later)
+    assert [(e.decision, e.reason, e.skip_batches, e.batch_id) for e in later] == \
+        [(e.decision, e.reason, e.skip_batches, e.batch_id) for e in events[BAD.start + 2:]]
+    assert all(torch.equal(a, b) for a, b in zip(whole.parameters(), resumed.parameters()))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fresh_data_after_a_memorised_batch_is_not_called_bad(seed):
+    """One clean batch repeated 40 times (its loss falls to ~0.01), then fresh clean data:
+    every fresh batch spikes against the window, but not against the probe loss of the
+    same weights, so nothing is skipped."""
+    model = mlp(seed)
+    data, (xp, yp) = loader(seed)
+    batches = [b for i, b in enumerate(data) if i < 100 or i >= len(BAD) + BAD.start]
+    stream = batches[:100] + [batches[99]] * 40 + batches[100:]
+    opt = GuardedOptimizer(torch.optim.AdamW(model.parameters(), lr=3e-3),
+                           lambda: F.cross_entropy(model(xp), yp), module=model)
+    losses = []
+    for _, (i, (x, y)) in zip(range(200), skip_ahead(stream, opt)):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step(batch_id=i, loss=loss)
+        losses.append(loss.item())
+    assert max(losses[130:140]) < 0.05 < min(losses[140:145])   # memorised, then fresh
+    assert opt.stats["bad_batches"] == 0, opt.stats
