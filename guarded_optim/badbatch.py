@@ -66,7 +66,9 @@ seed in 3, the others let it in after one skip (the drift rung then judges). Bli
 loop that hands the guard no loss (``opt.step()`` alone), a batch whose loss does not spike
 (garbage bytes in the natural suite's byte-level LM: 2.6-2.7x at the first batch, then the
 window has learnt them; one batch repeated falls instead), and ``probe_every > 1`` (no
-measured proposal is one batch's own): those are left to the drift rung.
+measured proposal is one batch's own): those are left to the drift rung. Under a process
+group the loss is averaged over the ranks in the step's one transfer, like the probe: every
+rank must hand the guard its loss alike (all of them, or none).
 """
 
 from __future__ import annotations
