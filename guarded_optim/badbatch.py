@@ -114,16 +114,21 @@ class BadBatch:
         suspect = (self.spike.judge(rec.m) and guard.ladder.lr_scale() >= 1.0
                    and rec.m.loss_value > base + (self.spike.factor - 1.0) * abs(base))
         if not suspect or rec.y < base - self._spread(guard):
-            self.streak = 0
-            self.spike.observe(rec.m, True, False)
-            self.base = (rec.t + 1, rec.y)   # the probe of the state verified next
+            self._applied(rec)
             return None
         if self.streak >= self.patience:
             self._carry_on(guard, rec)
             return None
         self.streak += 1
-        self._skip(guard, rec)
+        self._skip(guard, rec, base)
         return Ruling(Decision.SKIP, (self.name,), ("bad_batches",))
+
+    def _applied(self, rec) -> None:
+        """The batch goes on to be applied: its loss joins the window, its probe is the
+        next proposal's base, the streak ends."""
+        self.streak = 0
+        self.spike.observe(rec.m, True, False)
+        self.base = (rec.t + 1, rec.y)   # the probe of the state verified next
 
     def _base(self, guard, rec) -> float:
         """The probe loss of the state the proposal started from: measured when it was
@@ -137,7 +142,7 @@ class BadBatch:
         ``s_t``; 0 with a threshold that does not measure it)."""
         return guard.threshold.noise() if isinstance(guard.threshold, NoiseBand) else 0.0
 
-    def _skip(self, guard, rec) -> None:
+    def _skip(self, guard, rec, base: float) -> None:
         """Undo the proposal, quarantine the batch, tell the loop how far to skip ahead."""
         st = guard.step_state
         self.spike.observe(rec.m, False, True)
@@ -150,7 +155,7 @@ class BadBatch:
                    "spiked and its update did not lower the probe loss beyond its noise "
                    "(%.4g, from %.4g): a bad batch, not applied%s; the loop skips %d batches "
                    "(StepEvent.skip_batches); opt.stats['bad_batches'] counts it", rec.t,
-                   rec.m.loss_value, rec.y, self._base(guard, rec),
+                   rec.m.loss_value, rec.y, base,
                    "" if rec.batch_id is None else f", batch {rec.batch_id!r} quarantined",
                    rec.event.skip_batches)
 
@@ -161,9 +166,7 @@ class BadBatch:
                    "row were skipped; the batches' new loss level (%.4g) is taken as the "
                    "data's own and training goes on (the drift rung judges what follows)",
                    rec.t, self.streak, rec.m.loss_value)
-        self.streak = 0
-        self.spike.observe(rec.m, True, False)
-        self.base = (rec.t + 1, rec.y)
+        self._applied(rec)
 
     def state_dict(self) -> dict[str, Any]:
         return {"spike": self.spike.state_dict(), "streak": self.streak,
